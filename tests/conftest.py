@@ -6,6 +6,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from ldm_jax import platform  # noqa: E402
+
+platform.configure()
+
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402

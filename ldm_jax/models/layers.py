@@ -1,0 +1,117 @@
+"""Building blocks shared by the autoencoder, the diffusion UNet and the cascade.
+
+All modules take NHWC inputs, keep float32 parameters and compute in `dtype` (bfloat16 on
+accelerators when configured). Normalisation statistics are always computed in float32.
+"""
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def group_norm(channels: int, num_groups: int = 32, name: Optional[str] = None,
+               dtype: Dtype = jnp.float32) -> nn.GroupNorm:
+  """GroupNorm with eps=1e-6 as in LDM; falls back to fewer groups for narrow layers."""
+  groups = min(num_groups, channels)
+  while channels % groups:
+    groups -= 1
+  return nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype, name=name)
+
+
+def conv(features: int, kernel: int = 3, stride: int = 1, name: Optional[str] = None,
+         dtype: Dtype = jnp.float32, padding: Any = None) -> nn.Conv:
+  """A square 'same' convolution (torch-style symmetric padding k // 2)."""
+  if padding is None:
+    padding = ((kernel // 2, kernel // 2),) * 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
+                 dtype=dtype, name=name)
+
+
+class Downsample(nn.Module):
+  """Halves H and W: a stride-2 3x3 conv with LDM's asymmetric (0, 1) padding, or avg-pool."""
+  channels: int
+  with_conv: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.with_conv:
+      return conv(self.channels, 3, 2, padding=((0, 1), (0, 1)), dtype=self.dtype, name="conv")(x)
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Upsample(nn.Module):
+  """Doubles H and W by nearest-neighbour repetition, then an optional 3x3 conv."""
+  channels: int
+  with_conv: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    if self.with_conv:
+      x = conv(self.channels, 3, dtype=self.dtype, name="conv")(x)
+    return x
+
+
+class ResBlock(nn.Module):
+  """GroupNorm-SiLU-Conv residual block with an optional embedding (timestep, class).
+
+  With `scale_shift_norm` the embedding produces (scale, shift) applied after the second
+  norm (as in the ADM / LDM UNet); otherwise it is added to the hidden state.
+  """
+  out_channels: int
+  dropout: float = 0.0
+  scale_shift_norm: bool = False
+  num_groups: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, emb=None, *, train: bool = False):
+    in_ch = x.shape[-1]
+    h = nn.silu(group_norm(in_ch, self.num_groups, "norm1", self.dtype)(x))
+    h = conv(self.out_channels, 3, dtype=self.dtype, name="conv1")(h)
+    if emb is not None:
+      e = nn.Dense(self.out_channels * (2 if self.scale_shift_norm else 1), dtype=self.dtype,
+                   name="emb_proj")(nn.silu(emb))[:, None, None, :]
+    norm2 = group_norm(self.out_channels, self.num_groups, "norm2", self.dtype)
+    if emb is not None and self.scale_shift_norm:
+      scale, shift = jnp.split(e, 2, axis=-1)
+      h = norm2(h) * (1 + scale) + shift
+    else:
+      if emb is not None:
+        h = h + e
+      h = norm2(h)
+    h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+    h = conv(self.out_channels, 3, dtype=self.dtype, name="conv2")(h)
+    if in_ch != self.out_channels:
+      x = conv(self.out_channels, 1, dtype=self.dtype, name="skip")(x)
+    return x + h
+
+
+class SpatialSelfAttention(nn.Module):
+  """Multi-head self-attention over the H*W positions, with a residual connection.
+
+  Uses `jax.nn.dot_product_attention`, which picks a fused kernel where the backend has one.
+  Give either `num_heads` or `head_channels` (the other is derived).
+  """
+  num_heads: int = 1
+  head_channels: int = -1
+  num_groups: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, hgt, wid, c = x.shape
+    heads = c // self.head_channels if self.head_channels > 0 else self.num_heads
+    if c % heads:
+      raise ValueError(f"attention channels {c} not divisible by {heads} heads")
+    h = group_norm(c, self.num_groups, "norm", self.dtype)(x).reshape(b, hgt * wid, c)
+    qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(h)
+    q, k, v = (t.reshape(b, hgt * wid, heads, c // heads) for t in jnp.split(qkv, 3, axis=-1))
+    out = jax.nn.dot_product_attention(q, k, v).reshape(b, hgt * wid, c)
+    out = nn.Dense(c, dtype=self.dtype, name="proj_out")(out)
+    return x + out.reshape(b, hgt, wid, c)

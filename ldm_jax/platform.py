@@ -1,0 +1,24 @@
+"""Process-wide XLA settings, in one place. Call `configure()` before the first jax computation.
+
+On XLA:CPU, jaxlib 0.10 hands every convolution to YNNPACK, whose 3x3 weight gradient runs at
+about 5 GFLOP/s; routing convolutions back to XLA's Eigen path made a Flax UNet train step
+2-3x faster on 2 cores with identical gradients (measured 2026-11-25, see docs/BENCHMARKS.md).
+YNNPACK stays on for reductions (GroupNorm). The flag only affects the CPU compiler, and XLA
+aborts on flags it does not know, so it is applied only to the jaxlib releases it was measured
+on: re-measure on every jaxlib upgrade and extend `_MEASURED`.
+"""
+import importlib.metadata
+import os
+
+_CPU_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+_MEASURED = ("0.10.",)
+
+
+def configure() -> None:
+  try:
+    version = importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    return
+  flags = os.environ.get("XLA_FLAGS", "")
+  if version.startswith(_MEASURED) and "xla_cpu_experimental_ynn_fusion_type" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {_CPU_CONV_FLAG}".strip()

@@ -1,0 +1,56 @@
+"""Train state: parameters, optimizer state and an optional EMA of (a subtree of) the params."""
+from typing import Any, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any = None
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False, default=None)
+  ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
+  # The EMA tracks params[ema_key] (e.g. the generator, not the discriminator), or all params.
+  ema_key: Optional[str] = flax.struct.field(pytree_node=False, default=None)
+
+  @classmethod
+  def create(cls, params, tx, ema_decay: float = 0.0, ema_key: Optional[str] = None):
+    state = cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                tx=tx, ema_decay=ema_decay, ema_key=ema_key)
+    if ema_decay > 0:
+      state = state.replace(ema_params=jax.tree.map(jnp.copy, state.ema_select(params)))
+    return state
+
+  def ema_select(self, params):
+    return params if self.ema_key is None else params[self.ema_key]
+
+  def apply_gradients(self, grads) -> "TrainState":
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    ema = self.ema_params
+    if ema is not None:
+      ema = optax.incremental_update(self.ema_select(params), ema, 1.0 - self.ema_decay)
+    return self.replace(step=self.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+
+  def eval_params(self) -> Any:
+    """The parameters to evaluate and sample with: the EMA when there is one."""
+    return self.ema_params if self.ema_params is not None else self.ema_select(self.params)
+
+
+def adam_schedule(lr: float, warmup_steps: int, total_steps: int, decay: str = "constant"):
+  """Linear warm-up, then constant or cosine decay (optax schedules)."""
+  if decay == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(total_steps, 2))
+  if decay == "constant":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, max(warmup_steps, 1)), optax.constant_schedule(lr)],
+        [max(warmup_steps, 1)])
+  raise ValueError(f"unknown lr decay {decay!r} (optim.decay: 'constant' or 'cosine')")
+
+
+def cast_tree(tree, dtype: Optional[Any]):
+  return tree if dtype is None else jax.tree.map(lambda x: x.astype(dtype), tree)

@@ -1,0 +1,87 @@
+"""Metric outputs beyond clu's defaults: a JSON-lines history and the workdir's summary.json."""
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from clu import metric_writers
+
+
+def _plain(v: Any):
+  v = np.asarray(v)
+  return v.item() if v.ndim == 0 else v.tolist()
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """Appends `{"step": s, **scalars}` lines to a file: a machine-readable training history.
+
+  clu ships TensorBoard and logging writers only; this is the one format tests and scripts
+  can read without TensorFlow. Non-scalar outputs are left to the TensorBoard writer.
+  """
+
+  def __init__(self, path: str):
+    self._path = path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    self._file = open(path, "a", encoding="utf-8")
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    self._file.write(json.dumps({"step": int(step), **{k: _plain(v) for k, v in scalars.items()}})
+                     + "\n")
+
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def create_writer(logdir: str) -> metric_writers.MetricWriter:
+  """TensorBoard + logging (+ metrics.jsonl) on process 0; logging only on the others."""
+  if jax.process_index() != 0:
+    return metric_writers.create_default_writer(logdir, just_logging=True)
+  return metric_writers.MultiWriter([
+      metric_writers.create_default_writer(logdir, asynchronous=False),
+      JsonlWriter(os.path.join(logdir, "metrics.jsonl"))])
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def update_summary(workdir: str, stage: str, metrics: Mapping[str, Any]) -> None:
+  """Merges `{stage: metrics}` into workdir/summary.json, atomically (write + rename)."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "summary.json")
+  summary = {}
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      summary = json.load(f)
+  summary[stage] = {k: _plain(v) for k, v in metrics.items()}
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
