@@ -1,0 +1,80 @@
+"""Image-quality metrics as pure, jit-able jnp functions on NHWC batches.
+
+`psnr` and `ssim` follow `tf.image.psnr` / `tf.image.ssim` (Wang et al. 2004: 11x11 Gaussian
+window with sigma 1.5, k1 = 0.01, k2 = 0.03, VALID filtering, mean over space and channels)
+and return one value per example, shape [B], in float32. Images are expected in
+[0, max_val]; use `to_unit` first for model outputs in [-1, 1].
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax.errors import UserError
+
+SSIM_FILTER_SIZE = 11
+SSIM_FILTER_SIGMA = 1.5
+
+
+def to_unit(x: jax.Array) -> jax.Array:
+  """Maps [-1, 1] to [0, 1], clipped."""
+  return jnp.clip((x.astype(jnp.float32) + 1.0) * 0.5, 0.0, 1.0)
+
+
+def _check_pair(x, y, name: str):
+  if x.shape != y.shape or x.ndim != 4:
+    raise UserError(f"{name} wants two NHWC batches of one shape, got {x.shape} and {y.shape}")
+
+
+def psnr(x: jax.Array, y: jax.Array, max_val: float = 1.0) -> jax.Array:
+  """Peak signal-to-noise ratio in dB per example: 10 log10(max_val^2 / MSE), shape [B].
+
+  Identical images give +inf (as `tf.image.psnr` does).
+  """
+  _check_pair(x, y, "psnr")
+  x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+  mse = jnp.mean(jnp.square(x - y), axis=(1, 2, 3))
+  return 20.0 * jnp.log10(jnp.float32(max_val)) - 10.0 * jnp.log10(mse)
+
+
+def gaussian_window(size: int = SSIM_FILTER_SIZE, sigma: float = SSIM_FILTER_SIGMA) -> np.ndarray:
+  """The normalised [size, size] Gaussian window of `tf.image.ssim` (float32)."""
+  coords = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+  g = np.exp(-0.5 * np.square(coords) / sigma**2)
+  g2 = np.outer(g, g)
+  return (g2 / g2.sum()).astype(np.float32)
+
+
+def _filter(x: jax.Array, window: jax.Array) -> jax.Array:
+  """Depthwise VALID 2-D filtering of NHWC `x` with one [k, k] window."""
+  c = x.shape[-1]
+  kernel = jnp.tile(window[:, :, None, None], (1, 1, 1, c))  # HWIO, one filter per channel
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(1, 1), padding="VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c,
+      precision=jax.lax.Precision.HIGHEST)
+
+
+def ssim(x: jax.Array, y: jax.Array, max_val: float = 1.0, k1: float = 0.01,
+         k2: float = 0.03) -> jax.Array:
+  """Structural similarity per example, shape [B] (1 for identical images).
+
+  SSIM map = luminance * contrast-structure over 11x11 Gaussian (sigma 1.5) windows with
+  VALID filtering; averaged over space, then channels. H and W must be at least 11.
+  """
+  _check_pair(x, y, "ssim")
+  if min(x.shape[1:3]) < SSIM_FILTER_SIZE:
+    raise UserError(f"ssim needs images of at least {SSIM_FILTER_SIZE}x{SSIM_FILTER_SIZE}, "
+                    f"got shape {x.shape}")
+  x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+  window = jnp.asarray(gaussian_window())
+  c1 = (k1 * max_val) ** 2
+  c2 = (k2 * max_val) ** 2
+  mu_x, mu_y = _filter(x, window), _filter(y, window)
+  num0 = 2.0 * mu_x * mu_y
+  den0 = jnp.square(mu_x) + jnp.square(mu_y)
+  luminance = (num0 + c1) / (den0 + c1)
+  num1 = 2.0 * _filter(x * y, window)
+  den1 = _filter(jnp.square(x) + jnp.square(y), window)
+  cs = (num1 - num0 + c2) / (den1 - den0 + c2)
+  per_channel = jnp.mean(luminance * cs, axis=(1, 2))
+  return jnp.mean(per_channel, axis=-1)
