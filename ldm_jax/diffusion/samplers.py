@@ -1,0 +1,290 @@
+"""Reverse-process samplers, each ONE `jax.lax.scan` over per-step tables; none holds a model.
+
+Every sampler takes `denoise_fn(x_t, t, *model_args) -> model_out` (t: int32 of shape (B,), the
+output in `parameterization`), starts from x_T and visits timesteps t_1 > t_2 > ... > t_N. Writing
+abar = abar_{t_i}, abar' = the next level, and (x0^, eps^) the model's prediction at (x, t_i):
+
+DDPM, ancestral, fixed small variance; respaced (improved DDPM) for N < T, so b' = 1 - abar / abar'
+and abar' = 1 after the last step:
+  x' = sqrt(abar') b' / (1 - abar) x0^ + sqrt(1 - b') (1 - abar') / (1 - abar) x
+       + sqrt((1 - abar') / (1 - abar) b') z
+DDIM (Song et al. 2021, eq. 12); after the last step abar' = abar_0 (set_alpha_to_one=False) or 1:
+  s   = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar')
+  x'  = sqrt(abar') x0^ + sqrt(1 - abar' - s^2) eps^ + s z
+DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), alpha = sqrt(abar), sigma = sqrt(1 - abar),
+lambda = log(alpha / sigma), h = lambda' - lambda, h_ = lambda - lambda_prev (the previous h):
+  x'  = (sigma' / sigma) x - alpha' (e^-h - 1) (D0 + D1 / 2),   D0 = x0^_i,
+  D1  = (h / h_) (x0^_i - x0^_{i-1});   D1 = 0 on the first step and on first-order final steps.
+
+Timesteps follow diffusers ('leading', 'linspace', 'trailing' spacings, `steps_offset`). The noise
+of step i is `jax.random.normal(jax.random.split(rng, num_steps)[i], x_T.shape, jnp.float32)`.
+Jit with `num_steps` (and the other str/bool options) static; eta, rng, guidance scale and the
+schedule are runtime values, so changing them does not retrace:
+
+  run = jax.jit(functools.partial(ddim_sample, guided(model_fn), num_steps=50))
+  x0 = run(x_T, sched, rng=key, eta=0.0, model_args=(cond, uncond, scale))
+"""
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax.diffusion.objectives import predict_x0_and_eps
+from ldm_jax.diffusion.schedules import DiffusionSchedule
+
+SPACINGS = ("leading", "linspace", "trailing")
+DenoiseFn = Callable[..., jax.Array]
+
+
+class Trajectory(NamedTuple):
+  x: jax.Array        # (num_steps, *x_T.shape): the sample after each step
+  pred_x0: jax.Array  # (num_steps, *x_T.shape): the x_0 predicted at each step
+
+
+def _checked(ts: np.ndarray, num_train_timesteps: int, spacing: str) -> np.ndarray:
+  ts = np.asarray(ts, np.int64)
+  if ts.size and (ts.max() >= num_train_timesteps or ts.min() < 0 or np.any(np.diff(ts) >= 0)):
+    raise ValueError(f"timesteps {ts.tolist()} ({spacing!r} spacing) must be strictly decreasing "
+                     f"within [0, {num_train_timesteps}); lower num_steps or steps_offset")
+  return ts
+
+
+def timesteps(spacing: str, num_train_timesteps: int, num_steps: int,
+              steps_offset: int = 0) -> np.ndarray:
+  """Descending int64 timesteps of DDPMScheduler / DDIMScheduler.set_timesteps (diffusers)."""
+  T, n = num_train_timesteps, num_steps
+  if not 1 <= n <= T:
+    raise ValueError(f"sampling.num_steps must be in [1, {T}], got {n}")
+  if spacing == "leading":
+    ts = np.arange(n)[::-1] * (T // n) + steps_offset
+  elif spacing == "linspace":
+    ts = np.linspace(0, T - 1, n).round()[::-1]
+  elif spacing == "trailing":
+    ts = np.round(np.arange(T, 0, -T / n)) - 1
+  else:
+    raise ValueError(f"unknown timestep spacing {spacing!r} (sampling.timestep_spacing: "
+                     f"one of {', '.join(repr(s) for s in SPACINGS)})")
+  return _checked(ts, T, spacing)
+
+
+def dpm_solver_timesteps(spacing: str, num_train_timesteps: int, num_steps: int,
+                         steps_offset: int = 0) -> np.ndarray:
+  """Timesteps of DPMSolverMultistepScheduler.set_timesteps: N + 1 points, the last (0) dropped."""
+  T, n = num_train_timesteps, num_steps
+  if not 1 <= n < T:
+    raise ValueError(f"sampling.num_steps must be in [1, {T - 1}], got {n}")
+  if spacing == "linspace":
+    ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
+  elif spacing == "leading":
+    ts = (np.arange(n + 1) * (T // (n + 1)))[::-1][:-1] + steps_offset
+  elif spacing == "trailing":
+    ts = np.arange(T, 0, -T / n).round() - 1
+  else:
+    raise ValueError(f"unknown timestep spacing {spacing!r} (sampling.timestep_spacing: "
+                     f"one of {', '.join(repr(s) for s in SPACINGS)})")
+  return _checked(ts, T, spacing)
+
+
+def _predict(denoise_fn, sched, x, t, model_args, parameterization, clip_x0):
+  """(x0^, eps^) from one model call at the scalar timestep t, broadcast to the batch."""
+  tb = jnp.full((x.shape[0],), t, jnp.int32)
+  out = jnp.asarray(denoise_fn(x, tb, *model_args), jnp.float32)
+  x0, eps = predict_x0_and_eps(sched, x, tb, out, parameterization)
+  if clip_x0 is not None:
+    x0 = jnp.clip(x0, -clip_x0, clip_x0)
+  return x0, eps
+
+
+def _keys(rng, num_steps):
+  return None if rng is None else jax.random.split(rng, num_steps)
+
+
+def _normal(key, x):
+  return jnp.zeros_like(x) if key is None else jax.random.normal(key, x.shape, x.dtype)
+
+
+def _run(body, init, xs, return_trajectory):
+  """scan(body) over xs; body(carry, inp) -> (carry, (x, x0^)); carry is x or (x, ...)."""
+  def scan_body(carry, inp):
+    carry, ys = body(carry, inp)
+    return carry, (ys if return_trajectory else None)
+
+  carry, ys = jax.lax.scan(scan_body, init, xs)
+  x = carry[0] if isinstance(carry, tuple) else carry
+  return (x, Trajectory(*ys)) if return_trajectory else x
+
+
+def ddpm_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: DiffusionSchedule, *,
+                num_steps: int, rng: jax.Array, model_args: tuple = (),
+                parameterization: str = "eps", spacing: str = "leading", steps_offset: int = 0,
+                clip_x0: float | None = None, return_trajectory: bool = False):
+  """Ancestral sampling from p(x_{t'} | x_t) = q(x_{t'} | x_t, x0^) with the fixed small variance.
+
+  With num_steps = T (and the defaults) this is Ho et al.'s chain; fewer steps respace it, the
+  betas recomputed from the kept abar (improved DDPM; diffusers DDPMScheduler, clip_sample off).
+  """
+  if rng is None:
+    raise ValueError("ddpm_sample needs rng")
+  ts = timesteps(spacing, sched.num_timesteps, num_steps, steps_offset)
+  a_t = sched.alphas_cumprod[ts]
+  a_prev = jnp.concatenate([sched.alphas_cumprod[ts[1:]], jnp.ones((1,), jnp.float32)])
+  beta = 1.0 - a_t / a_prev
+  coef_x0 = jnp.sqrt(a_prev) * beta / (1.0 - a_t)
+  coef_xt = jnp.sqrt(a_t / a_prev) * (1.0 - a_prev) / (1.0 - a_t)
+  std = jnp.sqrt(beta * (1.0 - a_prev) / (1.0 - a_t))  # 0 on the last step
+
+  def body(x, inp):
+    t, c0, ct, s, key = inp
+    x0, _ = _predict(denoise_fn, sched, x, t, model_args, parameterization, clip_x0)
+    x = c0 * x0 + ct * x + s * _normal(key, x)
+    return x, (x, x0)
+
+  xs = (jnp.asarray(ts, jnp.int32), coef_x0, coef_xt, std, _keys(rng, num_steps))
+  return _run(body, jnp.asarray(x_T, jnp.float32), xs, return_trajectory)
+
+
+def _ddim_tables(sched, num_steps, spacing, steps_offset, set_alpha_to_one):
+  ts = timesteps(spacing, sched.num_timesteps, num_steps, steps_offset)
+  prev = np.append(ts[1:], -1)
+  a = sched.alphas_cumprod
+  final = jnp.ones((1,), jnp.float32) if set_alpha_to_one else a[:1]
+  return ts, prev, a[ts], jnp.concatenate([a[prev[:-1]], final])
+
+
+def ddim_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: DiffusionSchedule, *,
+                num_steps: int, rng: jax.Array | None = None, eta: float | jax.Array = 0.0,
+                model_args: tuple = (), parameterization: str = "eps", spacing: str = "leading",
+                steps_offset: int = 1, set_alpha_to_one: bool = False,
+                clip_x0: float | None = None, return_trajectory: bool = False):
+  """DDIM with stochasticity eta (0: deterministic, 1: DDPM's posterior variance).
+
+  Defaults are Stable Diffusion's DDIMScheduler (leading spacing, steps_offset=1,
+  set_alpha_to_one=False, no clipping). The step goes to the NEXT timestep in the list, which is
+  diffusers' t - T // N for 'leading'/'trailing' (diffusers differs for 'linspace'). With rng=None
+  the noise term is dropped, so eta > 0 needs an rng.
+  """
+  if rng is None and isinstance(eta, (int, float)) and eta != 0:
+    raise ValueError("ddim_sample with eta > 0 needs rng")
+  ts, _, a_t, a_prev = _ddim_tables(sched, num_steps, spacing, steps_offset, set_alpha_to_one)
+  var = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
+  eta = jnp.asarray(eta, jnp.float32)
+
+  def body(x, inp):
+    t, at_prev, v, key = inp
+    x0, eps = _predict(denoise_fn, sched, x, t, model_args, parameterization, clip_x0)
+    s = eta * jnp.sqrt(v)
+    x = (jnp.sqrt(at_prev) * x0 + jnp.sqrt(jnp.maximum(1.0 - at_prev - s * s, 0.0)) * eps
+         + s * _normal(key, x))
+    return x, (x, x0)
+
+  xs = (jnp.asarray(ts, jnp.int32), a_prev, var, _keys(rng, num_steps))
+  return _run(body, jnp.asarray(x_T, jnp.float32), xs, return_trajectory)
+
+
+def ddim_invert(denoise_fn: DenoiseFn, x_0: jax.Array, sched: DiffusionSchedule, *,
+                num_steps: int, model_args: tuple = (), parameterization: str = "eps",
+                spacing: str = "leading", steps_offset: int = 1, set_alpha_to_one: bool = False,
+                return_trajectory: bool = False):
+  """Deterministic DDIM run forwards (x_0 -> x_T), visiting `ddim_sample`'s levels in reverse.
+
+  From the level abar' (timestep t', model evaluated at max(t', 0)) to abar:
+    x = sqrt(abar) x0^ + sqrt(1 - abar) eps^.
+  `x_0` is at ddim_sample's final level (abar_0, or 1 with set_alpha_to_one).
+  """
+  ts, prev, a_t, _ = _ddim_tables(sched, num_steps, spacing, steps_offset, set_alpha_to_one)
+
+  def body(x, inp):
+    t_from, at = inp
+    x0, eps = _predict(denoise_fn, sched, x, t_from, model_args, parameterization, None)
+    x = jnp.sqrt(at) * x0 + jnp.sqrt(1.0 - at) * eps
+    return x, (x, x0)
+
+  xs = (jnp.asarray(np.maximum(prev, 0)[::-1], jnp.int32), a_t[::-1])
+  return _run(body, jnp.asarray(x_0, jnp.float32), xs, return_trajectory)
+
+
+def dpm_solver_pp_2m_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: DiffusionSchedule, *,
+                            num_steps: int, rng: jax.Array | None = None, model_args: tuple = (),
+                            parameterization: str = "eps", spacing: str = "linspace",
+                            steps_offset: int = 0, lower_order_final: bool = True,
+                            final_sigmas_type: str = "zero", clip_x0: float | None = None,
+                            return_trajectory: bool = False):
+  """DPM-Solver++(2M), multistep data prediction, midpoint form (diffusers' defaults).
+
+  The first step is first order; so is the last when lower_order_final and N < 15, or when
+  final_sigmas_type='zero' (the last step then lands on sigma = 0 and returns x0^). With
+  'sigma_min' it ends at abar_0 instead. Deterministic: `rng` is accepted and ignored.
+  """
+  del rng
+  if final_sigmas_type not in ("zero", "sigma_min"):
+    raise ValueError(f"unknown final_sigmas_type {final_sigmas_type!r} "
+                     "(sampling.final_sigmas_type: 'zero' or 'sigma_min')")
+  n = num_steps
+  ts = dpm_solver_timesteps(spacing, sched.num_timesteps, n, steps_offset)
+  a = jnp.maximum(sched.alphas_cumprod, 2.0 ** -24)  # finite lambda at zero terminal SNR
+  a_final = jnp.ones((1,), jnp.float32) if final_sigmas_type == "zero" else a[:1]
+  levels = jnp.concatenate([a[ts], a_final])  # abar at t_1 .. t_N, then the final level
+  alpha, sigma = jnp.sqrt(levels), jnp.sqrt(1.0 - levels)
+  lam = jnp.log(alpha) - jnp.log(sigma)  # +inf at sigma = 0
+  h = lam[1:] - lam[:-1]
+  h_prev = jnp.concatenate([jnp.ones((1,), jnp.float32), h[:-1]])
+  second = np.arange(n) >= 1
+  if final_sigmas_type == "zero" or (lower_order_final and n < 15):
+    second[-1] = False
+  c = -alpha[1:] * jnp.expm1(-h)
+  inv_r = h / h_prev
+  coef_x = sigma[1:] / sigma[:-1]
+  coef_d0 = jnp.where(second, c * (1.0 + 0.5 * inv_r), c)
+  coef_d1 = jnp.where(second, -0.5 * c * inv_r, 0.0)
+
+  def body(carry, inp):
+    x, x0_last = carry
+    t, cx, c0, c1 = inp
+    x0, _ = _predict(denoise_fn, sched, x, t, model_args, parameterization, clip_x0)
+    x = cx * x + c0 * x0 + c1 * x0_last
+    return (x, x0), (x, x0)
+
+  x_T = jnp.asarray(x_T, jnp.float32)
+  xs = (jnp.asarray(ts, jnp.int32), coef_x, coef_d0, coef_d1)
+  return _run(body, (x_T, jnp.zeros_like(x_T)), xs, return_trajectory)
+
+
+SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpmpp_2m": dpm_solver_pp_2m_sample}
+
+
+def sample(sampler: str, denoise_fn: DenoiseFn, x_T: jax.Array, sched: DiffusionSchedule,
+           **kwargs):
+  """`SAMPLERS[sampler](denoise_fn, x_T, sched, **kwargs)`."""
+  if sampler not in SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r} (sampling.sampler: one of "
+                     f"{', '.join(repr(s) for s in SAMPLERS)})")
+  return SAMPLERS[sampler](denoise_fn, x_T, sched, **kwargs)
+
+
+def cfg_denoise(model_fn: DenoiseFn, x_t: jax.Array, t: jax.Array, cond: Any, uncond: Any,
+                scale: float | jax.Array, *args) -> jax.Array:
+  """Classifier-free guidance (Ho & Salimans 2022) from ONE model call on the doubled batch:
+
+    [out_c, out_u] = model_fn([x_t, x_t], [t, t], [cond, uncond], *args)
+    out = out_u + scale (out_c - out_u)
+
+  cond/uncond are arrays or pytrees with a leading batch axis (uncond may have batch 1); scale is
+  a scalar or shape (B,). Valid for any parameterisation (all are affine in the output).
+  """
+  b = x_t.shape[0]
+  both = jax.tree.map(
+      lambda c, u: jnp.concatenate([c, jnp.broadcast_to(u, c.shape).astype(c.dtype)], 0),
+      cond, uncond)
+  out = model_fn(jnp.concatenate([x_t, x_t], 0), jnp.concatenate([t, t], 0), both, *args)
+  out_c, out_u = out[:b], out[b:]
+  scale = jnp.asarray(scale, out.dtype)
+  scale = jnp.reshape(scale, scale.shape + (1,) * (out.ndim - scale.ndim))
+  return out_u + scale * (out_c - out_u)
+
+
+def guided(model_fn: DenoiseFn) -> DenoiseFn:
+  """The `denoise_fn(x_t, t, cond, uncond, scale, *args)` of `cfg_denoise`, for the samplers:
+  pass model_args=(cond, uncond, scale, *args) so all of them stay runtime values."""
+  return functools.partial(cfg_denoise, model_fn)
