@@ -22,6 +22,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from ldm_jax import platform  # noqa: E402  (sets XLA flags before jax starts)
   platform.configure()
+  platform.quiet_library_logs()
   from ldm_jax.errors import UserError
   from ldm_jax.train.run import run
   try:

@@ -49,6 +49,14 @@ class Checkpointer:
                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     return out.state, out.meta
 
+  def restore_meta(self, step: Optional[int] = None) -> dict:
+    """The JSON metadata of a checkpoint, without reading its arrays."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise UserError(f"no checkpoint found in {self.directory}")
+    out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return out.meta
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

@@ -22,3 +22,17 @@ def configure() -> None:
   flags = os.environ.get("XLA_FLAGS", "")
   if version.startswith(_MEASURED) and "xla_cpu_experimental_ynn_fusion_type" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} {_CPU_CONV_FLAG}".strip()
+
+
+def quiet_library_logs() -> None:
+  """Drops orbax's per-save INFO chatter from the absl log (warnings and errors still show),
+  so that training progress stays readable."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
+  class _Filter(logging.Filter):
+
+    def filter(self, record):
+      return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+  absl_logging.get_absl_handler().addFilter(_Filter())

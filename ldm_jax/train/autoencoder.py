@@ -109,6 +109,12 @@ class AutoencoderTask:
               "logvar": jnp.full((), self.config.loss.logvar_init, jnp.float32)}
     return TrainState.create(params, self.tx, self.config.optim.ema_decay, "autoencoder")
 
+  def batch_keys(self) -> dict:
+    return {}
+
+  def step_constants(self) -> tuple:
+    return ()
+
   def step_variant(self, step: int) -> bool:
     """Whether the GAN terms are active at `step` (selects a compiled program)."""
     return self.loss.gan_enabled and step >= self.loss.disc_start

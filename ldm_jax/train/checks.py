@@ -48,3 +48,33 @@ def check_autoencoder_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"config.data.image_size={config.data.image_size} is not divisible by the "
                     f"autoencoder's downsampling factor f={f} (autoencoder.ch_mult="
                     f"{tuple(config.autoencoder.ch_mult)})")
+
+
+_LDM_CHOICES = {
+    "ldm.conditioning.kind": ("class", "text", "none"),
+    "ldm.diffusion.parameterization": ("eps", "v", "x0"),
+    "ldm.diffusion.schedule": ("linear", "scaled_linear", "cosine"),
+    "ldm.train.compute_dtype": ("float32", "bfloat16"),
+    "ldm.optim.decay": ("constant", "cosine"),
+    "ldm.sample.sampler": ("ddpm", "ddim", "dpmpp_2m"),
+}
+
+
+def check_ldm_config(config: ml_collections.ConfigDict) -> None:
+  """Stage-2 keys: enums, sizes, and latent size divisible by the UNet's downsampling."""
+  for key, allowed in _LDM_CHOICES.items():
+    value = _get(config, key)
+    if value not in allowed:
+      raise UserError(f"config.{key}={value!r} is not one of {list(allowed)}")
+  check_positive(config, "ldm.train.batch_size", "ldm.train.num_steps", "ldm.train.log_every",
+                 "ldm.train.eval_every", "ldm.train.checkpoint_every", "ldm.unet.model_channels")
+  if not 0.0 <= config.ldm.conditioning.drop_prob < 1.0:
+    raise UserError(f"config.ldm.conditioning.drop_prob={config.ldm.conditioning.drop_prob} "
+                    "must be in [0, 1)")
+  f = 2 ** (len(config.autoencoder.ch_mult) - 1)
+  latent = config.data.image_size // f
+  down = 2 ** (len(config.ldm.unet.channel_mult) - 1)
+  if latent % down:
+    raise UserError(f"config.ldm.unet.channel_mult={tuple(config.ldm.unet.channel_mult)} "
+                    f"halves the {latent}x{latent} latents {len(config.ldm.unet.channel_mult) - 1}"
+                    f" times: the latent size must be divisible by {down}")

@@ -1,104 +1,41 @@
 """Entry point of training: `run(config, workdir)` trains the stages the config asks for."""
-import json
-import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from ldm_jax import data as data_lib
 from ldm_jax import sharding
-from ldm_jax.evaluation import images as image_io
 from ldm_jax.train import checks
-from ldm_jax.train.autoencoder import AutoencoderTask
-from ldm_jax.train.loop import train_stage
-from ldm_jax.train.writers import update_summary
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """workdir/config.json: the resolved config (rewritten when values are resolved later)."""
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    tmp = os.path.join(workdir, "config.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-
-def train_batches(config, source):
-  d = config.data
-  stream = data_lib.BatchStream(
-      source, global_batch=config.train.batch_size, image_size=d.image_size,
-      channels=d.channels, seed=config.seed, random_crop=d.random_crop,
-      random_flip=d.random_flip, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_threads=d.num_threads, prefetch=d.prefetch)
-  return stream.iterate
-
-
-def evaluation_batches(config, source, max_examples=None):
-  d = config.data
-  return data_lib.eval_batches(
-      source, global_batch=config.train.eval_batch_size, image_size=d.image_size,
-      channels=d.channels, process_index=jax.process_index(),
-      process_count=jax.process_count(), max_examples=max_examples)
-
-
-def _load_lpips(config):
-  path = config.loss.lpips_weights
-  if not path or config.loss.perceptual_weight <= 0:
-    return None
-  from ldm_jax.losses import lpips  # pylint: disable=g-import-not-at-top
-  return lpips.make_lpips_fn(path)
-
-
-def evaluate_autoencoder(task, params, config, source, mesh) -> dict:
-  """Test-split PSNR and SSIM of posterior-mode reconstructions (images in [0, 1])."""
-  sharding.check_batch_size(config.train.eval_batch_size, mesh, "train.eval_batch_size")
-  batch_sh = sharding.batch_sharding(mesh)
-  step = jax.jit(task.eval_step, out_shardings=sharding.replicated(mesh))
-  totals = {"psnr": 0.0, "ssim": 0.0, "count": 0.0}
-  limit = config.train.eval_max_examples or None
-  for batch in evaluation_batches(config, source, limit):
-    out = step(params, sharding.put_batch(batch, batch_sh))
-    for k in totals:
-      totals[k] += float(out[k])
-  n = max(totals["count"], 1.0)
-  return {"test_psnr": totals["psnr"] / n, "test_ssim": totals["ssim"] / n,
-          "test_examples": int(totals["count"])}
-
-
-def run_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
-  """Stage 1. Returns the stage's summary metrics (also merged into summary.json)."""
-  stage_dir = os.path.join(workdir, "autoencoder")
-  task = AutoencoderTask(config, lpips_fn=_load_lpips(config))
-  train_source = data_lib.make_source(config.data, config.data.train_split)
-  eval_source = data_lib.make_source(config.data, config.data.eval_split)
-  n_show = config.train.num_eval_images
-  shown = next(iter(evaluation_batches(config, eval_source, n_show)))
-  shown = {k: v[:n_show] for k, v in shown.items()}
-  recon = jax.jit(task.reconstruct)
-
-  def on_eval(state, step, writer):
-    rec = np.asarray(recon(state.eval_params(), jnp.asarray(shown["image"])))
-    grid = image_io.make_grid(image_io.interleave_pairs(shown["image"], np.clip(rec, -1, 1)),
-                              ncols=8)
-    writer.write_images(step, {"reconstructions": grid[None]})
-    if jax.process_index() == 0:
-      image_io.save_png(os.path.join(stage_dir, f"reconstructions_{step:07d}.png"), grid)
-
-  state = train_stage(task, config=config, stage_dir=stage_dir, mesh=mesh,
-                      batches=train_batches(config, train_source), on_eval=on_eval)
-  summary = evaluate_autoencoder(task, state.eval_params(), config, eval_source, mesh)
-  summary["steps"] = int(state.step)
-  logging.info("autoencoder test metrics: %s", summary)
-  update_summary(workdir, "autoencoder", summary)
-  return summary
+    os.replace(tmp, os.path.join(workdir, "config.json"))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Validates the config, builds the mesh, then trains each configured stage in order."""
-  checks.check_autoencoder_config(config)
+  """Validates the config, builds the mesh, then trains stage 1 and (for LDM configs) stage 2.
+
+  Returns {stage: summary metrics}, as merged into workdir/summary.json.
+  """
+  from ldm_jax.train import stage_autoencoder, stage_ldm  # pylint: disable=g-import-not-at-top
+  from ldm_jax.train.writers import read_summary  # pylint: disable=g-import-not-at-top
+  is_ldm = "ldm" in config
+  if not (is_ldm and config.ldm.autoencoder_workdir):
+    checks.check_autoencoder_config(config)
+  if is_ldm:
+    checks.check_ldm_config(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.train.batch_size, mesh)
   workdir = os.path.abspath(workdir)
   write_config(config, workdir)
-  return {"autoencoder": run_autoencoder(config, workdir, mesh)}
+  if is_ldm:
+    stage_ldm.run_ldm(config, workdir, mesh)
+  else:
+    stage_autoencoder.run_autoencoder(config, workdir, mesh)
+  return read_summary(workdir)

@@ -71,15 +71,20 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def read_summary(workdir: str) -> dict:
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
 def update_summary(workdir: str, stage: str, metrics: Mapping[str, Any]) -> None:
   """Merges `{stage: metrics}` into workdir/summary.json, atomically (write + rename)."""
   if jax.process_index() != 0:
     return
   path = os.path.join(workdir, "summary.json")
-  summary = {}
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      summary = json.load(f)
+  summary = read_summary(workdir)
   summary[stage] = {k: _plain(v) for k, v in metrics.items()}
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:

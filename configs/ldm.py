@@ -1,0 +1,97 @@
+"""Latent diffusion configs: stage 1 (the autoencoder blocks of configs/autoencoder.py), then
+stage 2 (`config.ldm`). Presets: `configs/ldm.py:<preset>`.
+
+  default     Fashion-MNIST, class-conditional, both stages on 2 CPU cores (<= 60 min)
+  smoke       both stages end to end in about two minutes
+  text        Fashion-MNIST text-to-image: captions from class names, a transformer text
+              encoder trained jointly with the UNet, cross-attention
+  cin256      ImageNet-256 class-conditional LDM-4 (LDM paper, table 14: 400M UNet)
+  txt2img_f8  text-to-image LDM-8 (LDM paper's LAION model shape), for accelerators
+"""
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import autoencoder as autoencoder_configs  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def ldm_block() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # A trained autoencoder workdir to use instead of training stage 1 here ('' = train it).
+  c.autoencoder_workdir = ""
+  c.unet = ml_collections.ConfigDict(dict(
+      model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(1, 2),
+      num_heads=4, num_head_channels=32, dropout=0.0, scale_shift_norm=True,
+      use_transformer=False, transformer_depth=1, num_groups=32, remat=False))
+  c.conditioning = ml_collections.ConfigDict(dict(
+      kind="class",            # 'class', 'text' or 'none'
+      drop_prob=0.1,           # condition dropout for classifier-free guidance
+      text_width=128, text_depth=2, text_heads=4, max_length=12, max_vocab=1000))
+  c.diffusion = ml_collections.ConfigDict(dict(
+      schedule="scaled_linear", num_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+      zero_terminal_snr=False, parameterization="eps", min_snr_gamma=0.0,
+      latent_scale=0.0,        # 0 = estimate from data before training (then stored)
+      scale_batches=8))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-3, warmup_steps=200, weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=1.0,
+      decay="cosine", ema_decay=0.999))
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=128, num_steps=4000, compute_dtype="float32", log_every=50,
+      eval_every=1000, checkpoint_every=1000, keep_checkpoints=2, async_checkpoint=True,
+      progress_every_secs=30.0, profile=False))
+  c.sample = ml_collections.ConfigDict(dict(
+      sampler="ddim", steps=50, guidance=3.0, eta=0.0, num_samples=64))
+  return c
+
+
+def get_config(arg: str = "default") -> ml_collections.ConfigDict:
+  preset = arg or "default"
+  if preset in ("default", "text"):
+    c = autoencoder_configs.get_config("default")
+  elif preset == "smoke":
+    c = autoencoder_configs.get_config("smoke")
+  elif preset == "cin256":
+    c = autoencoder_configs.get_config("kl_f4")
+  elif preset == "txt2img_f8":
+    c = autoencoder_configs.get_config("kl_f8")
+  else:
+    raise ValueError(f"unknown preset {preset!r} for configs/ldm.py "
+                     "(default, smoke, text, cin256, txt2img_f8)")
+  c.ldm = ldm_block()
+  if preset == "text":
+    c.ldm.conditioning.kind = "text"
+    c.ldm.unet.update(use_transformer=True)
+  elif preset == "smoke":
+    c.ldm.unet.update(model_channels=32, num_res_blocks=1, attention_levels=(1,))
+    c.ldm.diffusion.scale_batches = 2
+    c.ldm.optim.update(warmup_steps=10)
+    c.ldm.train.update(batch_size=32, num_steps=60, log_every=10, eval_every=60,
+                       checkpoint_every=30)
+    c.ldm.sample.update(steps=10, num_samples=16)
+  elif preset == "cin256":
+    # LDM-4 cin256 (configs/latent-diffusion/cin-ldm-vq-f8.yaml shape on a KL-f4 first stage):
+    # 256 channels, mult (1, 2, 4), 2 res blocks, attention at 32/16/8 (levels 0-2 of 64x64
+    # latents: the paper's 'attention_resolutions 4,2,1'), 32-channel heads, 1000 classes.
+    c.ldm.unet.update(model_channels=256, channel_mult=(1, 2, 4), num_res_blocks=2,
+                      attention_levels=(0, 1, 2), num_head_channels=32, scale_shift_norm=False,
+                      use_transformer=True, transformer_depth=1)
+    c.ldm.diffusion.update(schedule="linear", beta_start=0.0015, beta_end=0.0195)
+    c.ldm.optim.update(lr=1e-6 * 1200, warmup_steps=10_000, grad_clip=0.0, decay="constant",
+                       ema_decay=0.9999)
+    c.ldm.train.update(batch_size=1200, num_steps=178_000, compute_dtype="bfloat16",
+                       log_every=100, eval_every=5000, checkpoint_every=5000)
+  elif preset == "txt2img_f8":
+    # The LDM paper's text-to-image model on KL-f8 latents of 256x256 images: 320 channels,
+    # mult (1, 2, 4, 4), transformer depth 1, a 32-layer 1280-wide text transformer.
+    c.ldm.unet.update(model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                      attention_levels=(0, 1, 2), num_heads=8, num_head_channels=-1,
+                      scale_shift_norm=False, use_transformer=True, transformer_depth=1)
+    c.ldm.conditioning.update(kind="text", text_width=1280, text_depth=32, text_heads=8,
+                              max_length=77, max_vocab=30_000)
+    c.ldm.optim.update(lr=5e-5, warmup_steps=10_000, grad_clip=1.0, decay="constant",
+                       ema_decay=0.9999)
+    c.ldm.train.update(batch_size=680, num_steps=390_000, compute_dtype="bfloat16",
+                       log_every=100, eval_every=5000, checkpoint_every=5000)
+  return c
