@@ -115,3 +115,110 @@ class SpatialSelfAttention(nn.Module):
     out = jax.nn.dot_product_attention(q, k, v).reshape(b, hgt * wid, c)
     out = nn.Dense(c, dtype=self.dtype, name="proj_out")(out)
     return x + out.reshape(b, hgt, wid, c)
+
+
+# --- Diffusion UNet pieces: timestep embedding and the cross-attention transformer. ---
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0,
+                       flip_sin_to_cos: bool = True) -> jax.Array:
+  """Sinusoidal embedding of (possibly fractional) timesteps, float32 [B, dim].
+
+  Frequencies are exp(-log(max_period) * i / half) for i < half = dim // 2, as in LDM's
+  `timestep_embedding` (diffusers' `downscale_freq_shift=0`). `flip_sin_to_cos=True` gives
+  LDM's [cos, sin] order, False gives [sin, cos]. An odd `dim` is zero-padded.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = jnp.asarray(t, jnp.float32).reshape(-1)[:, None] * freqs[None]
+  parts = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
+  emb = jnp.concatenate(parts, axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class CrossAttention(nn.Module):
+  """Multi-head attention from a query sequence x [B, T, C] to `context` [B, S, D].
+
+  With `context=None` it is self-attention over x (as LDM's `CrossAttention`). `mask` is an
+  optional boolean key mask [B, S]: False keys get no attention weight. q/k/v projections
+  have no bias (as in LDM); the output projection maps back to C.
+  """
+  num_heads: int
+  head_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context=None, mask=None):
+    context = x if context is None else context.astype(self.dtype)
+    inner = self.num_heads * self.head_dim
+
+    def project(name, inputs):  # [B, N, D] -> [B, N, heads, head_dim]
+      y = nn.Dense(inner, use_bias=False, dtype=self.dtype, name=name)(inputs)
+      return y.reshape(y.shape[:2] + (self.num_heads, self.head_dim))
+
+    q, k, v = project("to_q", x), project("to_k", context), project("to_v", context)
+    if mask is not None:
+      mask = jnp.asarray(mask, bool)[:, None, None, :]  # [B, heads, T, S] by broadcasting
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(x.shape[:2] + (inner,))
+    return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out")(out)
+
+
+class GEGLUFeedForward(nn.Module):
+  """LDM's gated feed-forward: Dense(2 * mult * C) -> x * gelu(gate) -> Dense(C)."""
+  mult: int = 4
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    h, gate = jnp.split(nn.Dense(2 * self.mult * c, dtype=self.dtype, name="proj_in")(x), 2, -1)
+    h = h * nn.gelu(gate, approximate=False)
+    return nn.Dense(c, dtype=self.dtype, name="proj_out")(h)
+
+
+class BasicTransformerBlock(nn.Module):
+  """Pre-LayerNorm block: self-attention, cross-attention to `context`, GEGLU feed-forward.
+
+  Without a context the second attention is self-attention too (LDM's behaviour).
+  """
+  num_heads: int
+  head_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context=None, context_mask=None):
+    def norm(name):
+      return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
+
+    def attn(name):
+      return CrossAttention(self.num_heads, self.head_dim, dtype=self.dtype, name=name)
+
+    x = x + attn("attn1")(norm("norm1")(x))
+    x = x + attn("attn2")(norm("norm2")(x), context, None if context is None else context_mask)
+    return x + GEGLUFeedForward(dtype=self.dtype, name="ff")(norm("norm3")(x))
+
+
+class SpatialTransformer(nn.Module):
+  """LDM's SpatialTransformer: GroupNorm, 1x1 proj_in to heads * head_dim channels,
+  `depth` BasicTransformerBlocks over the H*W positions, zero-initialised 1x1 proj_out,
+  residual. The block is the identity at initialisation (as LDM's `zero_module`).
+  """
+  num_heads: int
+  head_dim: int
+  depth: int = 1
+  num_groups: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context=None, context_mask=None):
+    b, hgt, wid, c = x.shape
+    h = group_norm(c, self.num_groups, "norm", self.dtype)(x)
+    h = nn.Dense(self.num_heads * self.head_dim, dtype=self.dtype, name="proj_in")(h)
+    h = h.reshape(b, hgt * wid, h.shape[-1])
+    for i in range(self.depth):
+      h = BasicTransformerBlock(self.num_heads, self.head_dim, self.dtype,
+                                name=f"block{i}")(h, context, context_mask)
+    h = nn.Dense(c, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="proj_out")(h)
+    return x + h.reshape(b, hgt, wid, c)
