@@ -16,7 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = default_data_config()
 
   c.autoencoder = ml_collections.ConfigDict(dict(
-      ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, embed_dim=4,
+      ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, embed_dim=4,
       attn_levels=(), mid_attention=True, dropout=0.0, num_groups=32))
 
   c.discriminator = ml_collections.ConfigDict(dict(ndf=32, n_layers=2, norm="batch"))
@@ -24,14 +24,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
       rec_loss="l1", kl_weight=1e-6, logvar_init=0.0,
       perceptual_weight=1.0, lpips_weights="",  # LPIPS is used only when weights are given
-      disc_weight=0.5, disc_factor=1.0, disc_start=2000, gan_loss="hinge"))
+      disc_weight=0.5, disc_factor=1.0, disc_start=1500, gan_loss="hinge"))
 
   c.optim = ml_collections.ConfigDict(dict(
-      lr=4e-4, disc_lr=4e-4, b1=0.5, b2=0.9, warmup_steps=100, decay="cosine",
+      lr=1e-3, disc_lr=4e-4, b1=0.5, b2=0.9, eps=1e-8, warmup_steps=100, decay="cosine",
       ema_decay=0.0))
 
   c.train = ml_collections.ConfigDict(dict(
-      batch_size=64, num_steps=3000, compute_dtype="float32",
+      batch_size=32, num_steps=2000, compute_dtype="float32",
       log_every=50, eval_every=500, checkpoint_every=500, keep_checkpoints=2,
       async_checkpoint=True, progress_every_secs=30.0, profile=False,
       eval_batch_size=200, eval_max_examples=0, num_eval_images=16))

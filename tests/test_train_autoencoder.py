@@ -79,6 +79,11 @@ def _train_steps(config, mesh, n, variant):
 def test_sharded_step_equals_single_device(tfds_dir):
   import ml_collections
   config = tiny_config(tfds_dir)
+  # Conv biases in front of a GroupNorm and attention key biases get no gradient in exact
+  # arithmetic, so Adam's g / (sqrt(v) + eps) turns rounding noise (~1e-9) into +-lr steps
+  # that differ with the reduction order; a larger eps keeps such steps below 1% of lr, the
+  # absolute tolerance below.
+  config.optim.eps = 1e-4
   one = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)),
                            jax.devices()[:1])
   s1, h1 = _train_steps(config, one, 3, True)
@@ -92,12 +97,8 @@ def test_sharded_step_equals_single_device(tfds_dir):
         assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (axes, k)
     paths = jax.tree_util.tree_leaves_with_path(s1.params)
     for (path, a), b in zip(paths, jax.tree.leaves(s8.params)):
-      name = jax.tree_util.keystr(path)
-      # Attention key biases get no gradient in exact arithmetic (softmax is shift-invariant),
-      # so Adam turns rounding noise into +-lr steps: bound them by 3 steps of lr instead.
-      atol = 3 * config.optim.lr if name.endswith("['qkv']['bias']") else 1e-6
-      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=atol,
-                                 err_msg=f"{axes} {name}")
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5,
+                                 atol=0.01 * config.optim.lr, err_msg=f"{axes} {jax.tree_util.keystr(path)}")
 
 
 def test_fsdp_shards_large_parameters():

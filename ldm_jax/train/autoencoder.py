@@ -89,9 +89,9 @@ class AutoencoderTask:
                         for k, t in shapes.items() if k != "params"}
     o = config.optim
     gen_tx = optax.adam(adam_schedule(o.lr, o.warmup_steps, config.train.num_steps, o.decay),
-                        b1=o.b1, b2=o.b2)
+                        b1=o.b1, b2=o.b2, eps=o.eps)
     disc_tx = optax.adam(adam_schedule(o.disc_lr, 0, config.train.num_steps, "constant"),
-                         b1=o.b1, b2=o.b2)
+                         b1=o.b1, b2=o.b2, eps=o.eps)
     self.tx = optax.partition({"gen": gen_tx, "disc": disc_tx},
                               {"autoencoder": "gen", "logvar": "gen", "discriminator": "disc"})
 
