@@ -38,7 +38,7 @@ def ldm_block() -> ml_collections.ConfigDict:
       lr=1e-3, warmup_steps=200, weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=1.0,
       decay="cosine", ema_decay=0.999))
   c.train = ml_collections.ConfigDict(dict(
-      batch_size=128, num_steps=4000, compute_dtype="float32", log_every=50,
+      batch_size=64, num_steps=3000, compute_dtype="float32", log_every=50,
       eval_every=1000, checkpoint_every=1000, keep_checkpoints=2, async_checkpoint=True,
       progress_every_secs=30.0, profile=False))
   c.sample = ml_collections.ConfigDict(dict(

@@ -23,7 +23,8 @@ class JsonlWriter(metric_writers.MetricWriter):
   def __init__(self, path: str):
     self._path = path
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    self._file = open(path, "a", encoding="utf-8")
+    # Line-buffered: the history survives a killed run up to its last logged step.
+    self._file = open(path, "a", encoding="utf-8", buffering=1)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     self._file.write(json.dumps({"step": int(step), **{k: _plain(v) for k, v in scalars.items()}})
