@@ -22,7 +22,7 @@ def ldm_block() -> ml_collections.ConfigDict:
   # A trained autoencoder workdir to use instead of training stage 1 here ('' = train it).
   c.autoencoder_workdir = ""
   c.unet = ml_collections.ConfigDict(dict(
-      model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(1, 2),
+      model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2),
       num_heads=4, num_head_channels=32, dropout=0.0, scale_shift_norm=True,
       use_transformer=False, transformer_depth=1, num_groups=32, remat=False))
   c.conditioning = ml_collections.ConfigDict(dict(
@@ -35,10 +35,10 @@ def ldm_block() -> ml_collections.ConfigDict:
       latent_scale=0.0,        # 0 = estimate from data before training (then stored)
       scale_batches=8))
   c.optim = ml_collections.ConfigDict(dict(
-      lr=1e-3, warmup_steps=200, weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=1.0,
+      lr=1e-3, warmup_steps=100, weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=1.0,
       decay="cosine", ema_decay=0.999))
   c.train = ml_collections.ConfigDict(dict(
-      batch_size=64, num_steps=3000, compute_dtype="float32", log_every=50,
+      batch_size=64, num_steps=2000, compute_dtype="float32", log_every=50,
       eval_every=1000, checkpoint_every=1000, keep_checkpoints=2, async_checkpoint=True,
       progress_every_secs=30.0, profile=False))
   c.sample = ml_collections.ConfigDict(dict(

@@ -1,0 +1,49 @@
+"""The stage-2 step on its own: text conditioning end to end, condition dropout."""
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax.data import CLASS_NAMES
+from ldm_jax.models.autoencoder import AutoencoderKL
+from ldm_jax.models.conditioning import Tokenizer, fashion_mnist_captions
+from ldm_jax.train.diffusion import DiffusionTask, drop_condition
+from ldm_jax.train.stage_ldm import caption_vocabulary
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "configs"))
+import ldm as ldm_configs  # noqa: E402
+
+
+def test_drop_condition_replaces_dropped_examples_only():
+  cond = {"labels": jnp.array([1, 2, 3]), "tokens": jnp.array([[5, 6], [7, 8], [9, 9]])}
+  null = {"labels": jnp.array([10]), "tokens": jnp.array([[2, 3]])}
+  out = drop_condition(cond, null, jnp.array([True, False, True]))
+  np.testing.assert_array_equal(out["labels"], [1, 10, 3])
+  np.testing.assert_array_equal(out["tokens"], [[5, 6], [2, 3], [9, 9]])
+
+
+def test_text_conditioned_step_trains_the_text_encoder():
+  config = ldm_configs.get_config("text")
+  config.ldm.unet.update(model_channels=16, num_res_blocks=1, attention_levels=(1,),
+                         num_head_channels=8, num_groups=8)
+  config.ldm.conditioning.update(text_width=16, text_depth=1, text_heads=2, drop_prob=0.5)
+  ae = AutoencoderKL(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, in_channels=1, num_groups=8)
+  ae_params = ae.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"]
+  tok = Tokenizer.from_captions(caption_vocabulary(CLASS_NAMES))
+  task = DiffusionTask(config, ae, (8, 8, 4), 1.0, 10, tok, ae_params=ae_params)
+  state = jax.jit(task.init_state)(jax.random.key(0))
+  assert set(state.params) == {"unet", "text"}
+  labels = np.arange(8) % 10
+  ids, mask = tok.encode(fashion_mnist_captions(labels, CLASS_NAMES, np.random.default_rng(0)),
+                         config.ldm.conditioning.max_length)
+  batch = {"image": np.random.default_rng(0).uniform(-1, 1, (8, 32, 32, 1)).astype(np.float32),
+           "label": labels.astype(np.int32), "tokens": ids, "token_mask": mask}
+  step = jax.jit(task.make_train_step())
+  new, metrics = step(state, batch, jax.random.key(1), ae_params)
+  assert np.isfinite(float(metrics.compute()["loss"]))
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params["text"],
+                       new.params["text"])
+  assert max(jax.tree.leaves(moved)) > 0  # trained jointly with the UNet
+  assert task.batch_keys()["tokens"][0] == (config.ldm.conditioning.max_length,)
