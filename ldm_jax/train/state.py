@@ -33,7 +33,10 @@ class TrainState(flax.struct.PyTreeNode):
     params = optax.apply_updates(self.params, updates)
     ema = self.ema_params
     if ema is not None:
-      ema = optax.incremental_update(self.ema_select(params), ema, 1.0 - self.ema_decay)
+      # Warm-up as in LDM's LitEma: early averages must not keep the random initialisation
+      # (with 0.999 it would still weigh 13% after 2000 steps).
+      decay = jnp.minimum(self.ema_decay, (1.0 + self.step) / (10.0 + self.step))
+      ema = optax.incremental_update(self.ema_select(params), ema, 1.0 - decay)
     return self.replace(step=self.step + 1, params=params, opt_state=opt_state, ema_params=ema)
 
   def eval_params(self) -> Any:
