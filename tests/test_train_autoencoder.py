@@ -127,7 +127,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tfds_dir, tmp_path):
   proc = subprocess.Popen(_train_cmd(killed, *overrides), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   ckpts = killed / "autoencoder" / "checkpoints"
-  deadline = time.time() + 300
+  deadline = time.time() + 900
   while not (ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())):
     assert proc.poll() is None, proc.stderr.read()[-3000:]
     assert time.time() < deadline
