@@ -111,7 +111,6 @@ def test_notebook_executes_on_smoke_workdir(smoke_workdir, monkeypatch):
   nbclient = pytest.importorskip("nbclient")
   monkeypatch.setenv("LDM_WORKDIR", str(smoke_workdir))
   monkeypatch.setenv("LDM_NOTEBOOK_STEPS", "5")
-  monkeypatch.setenv("MPLBACKEND", "Agg")
   nb = nbformat.read(ROOT / "notebooks" / "sample.ipynb", as_version=4)
   nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                           resources={"metadata": {"path": str(ROOT)}}).execute()
