@@ -3,5 +3,5 @@
 # with 8 fake devices (tests/conftest.py sets XLA_FLAGS before jax is imported).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh dev,parity
+scripts/setup.sh dev,parity,sd
 .venv/bin/python -m pytest -q "$@"
