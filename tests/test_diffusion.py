@@ -280,7 +280,7 @@ def test_parameterizations_give_the_same_chain():
     np.testing.assert_allclose(results[p], results["eps"], atol=1e-4)
 
 
-# ---------------------------------------------------------------- guidance, tracing, diffusers
+# ---------------------------------------------------------------------- guidance, tracing
 
 def cond_model(counter):
   def model_fn(x, t, c):
@@ -316,41 +316,4 @@ def test_runtime_values_do_not_retrace(sampler):
   assert len(traces) == 1 and not np.allclose(first, second)
 
 
-def test_matches_diffusers_schedulers():
-  torch = pytest.importorskip("torch", exc_type=ImportError)
-  diffusers = pytest.importorskip("diffusers", exc_type=ImportError)
-  kw = dict(num_train_timesteps=T, beta_schedule="scaled_linear", beta_start=0.00085,
-            beta_end=0.012)
-  np.testing.assert_allclose(  # zero-terminal-SNR rescale, on the same betas
-      diffusers.schedulers.scheduling_ddim.rescale_zero_terminal_snr(
-          torch.from_numpy(D.beta_schedule("scaled_linear", T))).numpy(),
-      D.rescale_zero_terminal_snr(D.beta_schedule("scaled_linear", T)), atol=1e-10)
-
-  def run(scheduler, n, step_kw, seed):
-    scheduler.set_timesteps(n)
-    abar = scheduler.alphas_cumprod.float()
-    fn, (_, x, z), traj = toy_eps(torch, abar), x_T_and_noise(n, seed), []
-    x = torch.from_numpy(x.astype(np.float32))
-    for i, t in enumerate(scheduler.timesteps):
-      extra = {"variance_noise": torch.from_numpy(z[i].astype(np.float32))} if step_kw else {}
-      x = scheduler.step(fn(x, torch.tensor([int(t)])), t, x, **step_kw, **extra).prev_sample
-      traj.append(x.numpy())
-    return np.stack(traj), scheduler.timesteps.numpy()
-
-  errs = {}
-  ddim = diffusers.DDIMScheduler(**kw, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-  ref, ts = run(ddim, 20, {"eta": 0.5}, seed=4)  # eta > 0, same noise via variance_noise
-  rng, x, _ = x_T_and_noise(20, seed=4)
-  _, traj = D.ddim_sample(JAX_EPS, x, SCHED, num_steps=20, rng=rng, eta=0.5,
-                          return_trajectory=True)
-  np.testing.assert_array_equal(D.timesteps("leading", T, 20, 1), ts)
-  errs["ddim eta=0.5"] = np.abs(np.asarray(traj.x) - ref).max()
-  for n, spacing in ((20, "linspace"), (10, "leading")):
-    dpm = diffusers.DPMSolverMultistepScheduler(**kw, timestep_spacing=spacing)
-    ref, ts = run(dpm, n, {}, seed=5)
-    _, traj = D.dpm_solver_pp_2m_sample(JAX_EPS, x_T_and_noise(n, seed=5)[1], SCHED, num_steps=n,
-                                        spacing=spacing, return_trajectory=True)
-    np.testing.assert_array_equal(D.dpm_solver_timesteps(spacing, T, n), ts)
-    errs[f"dpm++ {spacing} {n}"] = np.abs(np.asarray(traj.x) - ref).max()
-  print("max |ours - diffusers|:", errs)
-  assert max(errs.values()) <= 1e-5, errs
+# Parity with diffusers' schedulers: tests/test_parity_schedulers.py
