@@ -3,6 +3,8 @@
   python sample.py --workdir=runs/ldm --num_samples=64 --sampler=ddim --steps=50 \
       --guidance=3.0 --seed=0 --out=grid.png
   python sample.py --workdir=runs/ldm --label=7 --trajectory --out=traj.png
+  python sample.py --workdir=runs/sd15 --prompt "an astronaut riding a horse" --guidance=7.5
+      (a workdir converted by `python -m ldm_jax.convert`, see docs/STABLE_DIFFUSION.md)
 """
 import os
 import sys
@@ -23,6 +25,11 @@ flags.DEFINE_integer("label", None, "Class label for every sample (class-conditi
 flags.DEFINE_string("prompt", None, "Text prompt (text-conditional models).")
 flags.DEFINE_boolean("trajectory", False, "Write the decoded z_T ... z_0 of each sample instead.")
 flags.DEFINE_integer("trajectory_frames", 10, "Frames shown per trajectory.")
+flags.DEFINE_enum("timestep_spacing", None, ["leading", "linspace", "trailing"],
+                  "Timestep spacing (default: the workdir's scheduler settings, else the "
+                  "sampler's own default).")
+flags.DEFINE_integer("steps_offset", None, "Offset added to 'leading' timesteps (default: the "
+                     "workdir's scheduler settings).")
 flags.DEFINE_string("out", "samples.png", "Output PNG file.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -41,8 +48,10 @@ def main(argv):
     grid = sample_grid(
         pipe, FLAGS.num_samples, sampler=FLAGS.sampler, steps=FLAGS.steps,
         guidance=FLAGS.guidance, eta=FLAGS.eta, seed=FLAGS.seed, labels=FLAGS.label,
-        prompt=FLAGS.prompt, trajectory_frames=FLAGS.trajectory_frames if FLAGS.trajectory
-        else 0, progress=StepProgress(FLAGS.steps))
+        prompt=FLAGS.prompt, timestep_spacing=FLAGS.timestep_spacing,
+        steps_offset=FLAGS.steps_offset,
+        trajectory_frames=FLAGS.trajectory_frames if FLAGS.trajectory else 0,
+        progress=StepProgress(FLAGS.steps))
     save_png(FLAGS.out, grid)
     print(f"wrote {FLAGS.out}")
   except UserError as e:

@@ -94,7 +94,8 @@ class CLIPTextEncoder(nn.Module):
     return self.hidden_size
 
   @nn.compact
-  def __call__(self, ids, mask: Optional[jax.Array] = None):
+  def __call__(self, ids, mask: Optional[jax.Array] = None, *, train: bool = False):
+    del train  # no dropout: the same call signature as conditioning.TextEncoder
     length = ids.shape[1]
     if length > self.max_position_embeddings:
       raise UserError(f"CLIPTextEncoder: {length} tokens > max_position_embeddings "

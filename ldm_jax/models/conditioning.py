@@ -117,6 +117,51 @@ class Tokenizer:
     return f"Tokenizer(vocab_size={self.vocab_size})"
 
 
+class ClipTokenizer:
+  """CLIP's byte-level BPE tokenizer read from a model folder (vocab.json and merges.txt, or
+  the tokenizer.json that transformers 5 writes, with the tokenizer_config.json /
+  special_tokens_map.json beside them), through transformers' `CLIPTokenizer`, local files
+  only.
+
+  `encode` pads and truncates to `max_length` (77 for SD) with the folder's pad token, as
+  diffusers' StableDiffusionPipeline does; the mask is all True because SD's text encoder and
+  UNet attend to every position, padding included.
+  """
+
+  FILES = ("vocab.json", "merges.txt")
+
+  def __init__(self, folder: str):
+    import os  # pylint: disable=g-import-not-at-top
+    missing = [n for n in self.FILES if not os.path.isfile(os.path.join(folder, n))]
+    if missing and not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+      raise UserError(f"tokenizer folder {folder!r} lacks {missing} (or tokenizer.json)")
+    try:
+      import transformers  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise UserError("CLIP tokenization needs transformers (pip install -e .[sd])") from e
+    self.folder = folder
+    self._tok = transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self._tok)
+
+  @property
+  def model_max_length(self) -> int:
+    return int(self._tok.model_max_length)
+
+  def encode(self, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [B, max_length], mask bool [B, max_length], all True)."""
+    if isinstance(texts, str):
+      raise UserError("ClipTokenizer.encode takes a list of strings, not a single string")
+    ids = self._tok(list(texts), padding="max_length", max_length=max_length, truncation=True,
+                    return_tensors="np").input_ids.astype(np.int32)
+    return ids, np.ones(ids.shape, bool)
+
+  def __repr__(self) -> str:
+    return f"ClipTokenizer({self.folder!r}, vocab_size={self.vocab_size})"
+
+
 class _EncoderBlock(nn.Module):
   """Pre-LN transformer block: masked multi-head self-attention, then a GELU MLP."""
   num_heads: int

@@ -14,11 +14,17 @@ import ml_collections
 import optax
 
 from ldm_jax import diffusion
+from ldm_jax.models import clip
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.conditioning import TextEncoder, Tokenizer
 from ldm_jax.models.unet import UNet
 from ldm_jax.train.autoencoder import compute_dtype, metrics_collection
 from ldm_jax.train.state import TrainState, adam_schedule
+
+
+# Conditioning kinds with a text encoder: 'text' (ours, trained with the UNet), 'clip' (CLIP's
+# text transformer with converted weights, frozen; e.g. Stable Diffusion).
+TEXT_KINDS = ("text", "clip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +59,17 @@ def build_unet(ldm: ml_collections.ConfigDict, latent_channels: int, num_classes
       num_head_channels=u.num_head_channels, dropout=u.dropout,
       scale_shift_norm=u.scale_shift_norm, use_transformer=u.use_transformer,
       transformer_depth=u.transformer_depth,
-      context_dim=cond.text_width if cond.kind == "text" else None,
+      context_dim=cond.text_width if cond.kind in TEXT_KINDS else None,
       num_classes=num_classes if cond.kind == "class" else 0, remat=u.remat,
       num_groups=u.num_groups, dtype=dtype)
 
 
-def build_text_encoder(ldm, tokenizer: Tokenizer, dtype=jnp.float32) -> TextEncoder:
+def build_text_encoder(ldm, tokenizer: Tokenizer, dtype=jnp.float32):
+  """conditioning.kind 'text': our TextEncoder; 'clip': a frozen CLIPTextEncoder built from
+  `conditioning.clip` (the transformers CLIPTextConfig fields written by ldm_jax.convert)."""
   c = ldm.conditioning
+  if c.kind == "clip":
+    return clip.from_config(c.clip.to_dict() if hasattr(c.clip, "to_dict") else c.clip, dtype)
   return TextEncoder(vocab_size=tokenizer.vocab_size, max_length=c.max_length, width=c.text_width,
                      depth=c.text_depth, num_heads=c.text_heads, dtype=dtype)
 
@@ -82,7 +92,7 @@ class DiffusionModel:
     t = jnp.zeros((1,), jnp.int32)
     params = {}
     kwargs = {}
-    if self.cond_kind == "text":
+    if self.cond_kind in TEXT_KINDS:
       ids, mask = self.null_tokens(1)
       params["text"] = self.text_encoder.init(r_t, ids, mask)["params"]
       kwargs = dict(context=jnp.zeros((1, self.max_length, self.text_encoder.width)),
@@ -99,7 +109,7 @@ class DiffusionModel:
   def null_condition(self, batch: int) -> dict:
     if self.cond_kind == "class":
       return {"labels": jnp.full((batch,), self.unet.null_label, jnp.int32)}
-    if self.cond_kind == "text":
+    if self.cond_kind in TEXT_KINDS:
       ids, mask = self.null_tokens(batch)
       return {"tokens": ids, "token_mask": mask}
     return {}
@@ -109,10 +119,12 @@ class DiffusionModel:
     kwargs = {}
     if self.cond_kind == "class":
       kwargs["labels"] = cond["labels"]
-    elif self.cond_kind == "text":
+    elif self.cond_kind in TEXT_KINDS:
       kwargs["context"] = self.text_encoder.apply(
           {"params": params["text"]}, cond["tokens"], cond["token_mask"], train=train,
           rngs=rngs)
+      if self.cond_kind == "clip":  # frozen
+        kwargs["context"] = jax.lax.stop_gradient(kwargs["context"])
       kwargs["context_mask"] = cond["token_mask"]
     return self.unet.apply({"params": params["unet"]}, z_t, t, train=train, rngs=rngs,
                            **kwargs)
@@ -144,7 +156,8 @@ class DiffusionTask:
     self.latent_scale = float(latent_scale)
     self.schedule = make_schedule(ldm)
     self.num_classes = num_classes
-    text = build_text_encoder(ldm, tokenizer, dtype) if self.dc.cond_kind == "text" else None
+    text = (build_text_encoder(ldm, tokenizer, dtype) if self.dc.cond_kind in TEXT_KINDS
+            else None)
     self.model = DiffusionModel(build_unet(ldm, self.latent_shape[-1], num_classes, dtype),
                                 text, self.dc.cond_kind, tokenizer, self.dc.max_length)
     o = ldm.optim
@@ -166,7 +179,7 @@ class DiffusionTask:
 
   def batch_keys(self) -> dict:
     """Extra batch entries beyond image/label: name -> (shape suffix, dtype)."""
-    if self.dc.cond_kind == "text":
+    if self.dc.cond_kind in TEXT_KINDS:
       return {"tokens": ((self.dc.max_length,), jnp.int32),
               "token_mask": ((self.dc.max_length,), jnp.bool_)}
     return {}
@@ -174,7 +187,7 @@ class DiffusionTask:
   def condition(self, batch) -> dict:
     if self.dc.cond_kind == "class":
       return {"labels": batch["label"].astype(jnp.int32)}
-    if self.dc.cond_kind == "text":
+    if self.dc.cond_kind in TEXT_KINDS:
       return {"tokens": batch["tokens"], "token_mask": batch["token_mask"]}
     return {}
 
