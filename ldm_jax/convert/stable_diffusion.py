@@ -118,3 +118,123 @@ def convert_diffusers(folder: str, workdir: str) -> ml_collections.ConfigDict:
                 source=f"diffusers:{os.path.abspath(folder)}", tokenizer_dir=tok_dir,
                 tokenizer_files=TOKENIZER_FILES)
   return config
+
+
+# --- CompVis / Stability single-file checkpoints. ---
+
+CLIP_PREFIX = "cond_stage_model.transformer."
+# CompVis beta_schedule names -> ours (see ldm_jax/diffusion/schedules.py).
+COMPVIS_BETA_SCHEDULES = {"linear": "scaled_linear", "sqrt_linear": "linear", "cosine": "cosine"}
+# Stable Diffusion 1.x's configs/stable-diffusion/v1-inference.yaml (the values that matter).
+PRESETS = {
+    "v1-inference": {"model": {"params": {
+        "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000, "image_size": 64,
+        "channels": 4, "scale_factor": 0.18215,
+        "unet_config": {"params": {
+            "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+            "attention_resolutions": [4, 2, 1], "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4],
+            "num_heads": 8, "use_spatial_transformer": True, "transformer_depth": 1,
+            "context_dim": 768, "legacy": False}},
+        "first_stage_config": {"params": {"embed_dim": 4, "ddconfig": {
+            "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+            "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [],
+            "dropout": 0.0}}},
+        "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}}}},
+}
+
+
+def load_compvis_config(config: str) -> dict:
+  """A CompVis yaml file (yaml.safe_load) or a PRESETS name -> its `model.params` dict."""
+  if config in PRESETS:
+    data = PRESETS[config]
+  elif os.path.isfile(config):
+    import yaml  # pylint: disable=g-import-not-at-top
+    with open(config, encoding="utf-8") as f:
+      data = yaml.safe_load(f)
+  else:
+    raise UserError(f"--config {config!r} is neither a file nor a preset "
+                    f"({', '.join(sorted(PRESETS))})")
+  try:
+    params = data["model"]["params"]
+    for key in ("unet_config", "first_stage_config", "cond_stage_config"):
+      params[key]  # pylint: disable=pointless-statement
+  except (KeyError, TypeError) as e:
+    raise UserError(f"--config {config!r} lacks model.params.{e.args[0] if e.args else '?'} "
+                    "(a CompVis latent diffusion yaml)") from e
+  return params
+
+
+def clip_config_from_state_dict(state_dict: Mapping[str, Any], num_heads: int = 0) -> dict:
+  """CLIPTextConfig fields read off the weights' shapes (CompVis files carry no config):
+  quick_gelu and, unless `num_heads` is given, 64-wide heads, as OpenAI's CLIP text towers."""
+  p = convert_clip.PREFIX
+  try:
+    vocab, width = state_dict[p + "embeddings.token_embedding.weight"].shape
+    positions = state_dict[p + "embeddings.position_embedding.weight"].shape[0]
+    inner = state_dict[p + "encoder.layers.0.mlp.fc1.weight"].shape[0]
+  except KeyError as e:
+    raise UserError(f"checkpoint lacks the CLIP text encoder weight {CLIP_PREFIX}{e.args[0]}") \
+        from e
+  layers = 1 + max(int(k[len(p + "encoder.layers."):].split(".")[0]) for k in state_dict
+                   if k.startswith(p + "encoder.layers."))
+  return dict(vocab_size=int(vocab), hidden_size=int(width), intermediate_size=int(inner),
+              num_hidden_layers=layers,
+              num_attention_heads=int(num_heads) or max(int(width) // 64, 1),
+              max_position_embeddings=int(positions), hidden_act="quick_gelu",
+              layer_norm_eps=1e-5)
+
+
+def convert_compvis(checkpoint: str, workdir: str, config: str,
+                    tokenizer: str | None = None) -> ml_collections.ConfigDict:
+  """A CompVis / Stability SD 1.x checkpoint (.ckpt or .safetensors) + its yaml (or a preset)
+  + a CLIP tokenizer folder -> workdir. Returns the written config."""
+  from ldm_jax.convert import compvis  # pylint: disable=g-import-not-at-top
+  params = load_compvis_config(config)
+  target = params["cond_stage_config"].get("target", "")
+  if not target.endswith("FrozenCLIPEmbedder"):
+    raise UserError(f"cond_stage_config target={target!r} is not supported "
+                    "(FrozenCLIPEmbedder, SD 1.x)")
+  if tokenizer is None:
+    raise UserError("--tokenizer is required: a folder with CLIP's vocab.json and merges.txt "
+                    "(e.g. the tokenizer/ folder of a diffusers SD 1.x model)")
+  from ldm_jax.models.conditioning import ClipTokenizer  # pylint: disable=g-import-not-at-top
+  ClipTokenizer(tokenizer)  # fail now on a bad folder
+  state = weights.load_file(checkpoint)
+  unet_cfg, unet_params = compvis.unet_from_compvis(params["unet_config"], state)
+  ae_cfg, ae_params = compvis.vae_from_compvis(params["first_stage_config"], state)
+  clip_state = {k[len(CLIP_PREFIX):]: v for k, v in state.items() if k.startswith(CLIP_PREFIX)}
+  clip_state = {(k if k.startswith(convert_clip.PREFIX) else convert_clip.PREFIX + k): v
+                for k, v in clip_state.items()}
+  # cond_stage_config.params.num_attention_heads (our key) for non-standard CLIP widths.
+  heads = (params["cond_stage_config"].get("params") or {}).get("num_attention_heads", 0)
+  clip_cfg = clip_config_from_state_dict(clip_state, heads)
+  clip_params = convert_clip.params_from_transformers(clip_cfg, clip_state)
+  kind = params.get("beta_schedule", "linear")
+  if kind not in COMPVIS_BETA_SCHEDULES:
+    raise UserError(f"--config beta_schedule={kind!r} is not supported "
+                    f"(one of {sorted(COMPVIS_BETA_SCHEDULES)})")
+  pred = params.get("parameterization", "eps")
+  if pred not in ("eps", "v", "x0"):
+    raise UserError(f"--config parameterization={pred!r} is not supported (eps, v, x0)")
+  diffusion = dict(schedule=COMPVIS_BETA_SCHEDULES[kind],
+                   num_timesteps=int(params.get("timesteps", 1000)),
+                   beta_start=float(params.get("linear_start", 0.00085)),
+                   beta_end=float(params.get("linear_end", 0.012)), zero_terminal_snr=False,
+                   parameterization=pred)
+  # CompVis' DDIM ('uniform' discretisation) visits T/N k + 1, ending at abar_0.
+  options = dict(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
+                 clip_sample=0.0)
+  size = int(params.get("image_size", 64))
+  latent_shape = (size, size, int(params.get("channels", 4)))
+  scale = float(params.get("scale_factor", 1.0))
+  f = 2 ** (len(ae_cfg["ch_mult"]) - 1)
+  image_channels = int(params["first_stage_config"].get("params", params["first_stage_config"])
+                       ["ddconfig"]["in_channels"])
+  cfg = sd_config(unet_cfg=unet_cfg, ae_cfg=ae_cfg, clip_cfg=clip_cfg, image_size=size * f,
+                  image_channels=image_channels, latent_scale=scale, diffusion=diffusion,
+                  scheduler=options, max_length=min(77, clip_cfg["max_position_embeddings"]))
+  write_workdir(workdir, cfg, ae_params, {"unet": unet_params, "text": clip_params},
+                latent_shape=latent_shape, latent_scale=scale,
+                source=f"compvis:{os.path.abspath(checkpoint)}", tokenizer_dir=tokenizer,
+                tokenizer_files=TOKENIZER_FILES)
+  return cfg
