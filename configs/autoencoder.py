@@ -17,7 +17,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.autoencoder = ml_collections.ConfigDict(dict(
       ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, embed_dim=4,
-      attn_levels=(), mid_attention=True, dropout=0.0, num_groups=32))
+      attn_levels=(), mid_attention=True, dropout=0.0, num_groups=32,
+      quant_conv=True))  # False: no quant_conv / post_quant_conv (diffusers use_quant_conv)
 
   c.discriminator = ml_collections.ConfigDict(dict(ndf=32, n_layers=2, norm="batch"))
 

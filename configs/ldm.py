@@ -24,7 +24,13 @@ def ldm_block() -> ml_collections.ConfigDict:
   c.unet = ml_collections.ConfigDict(dict(
       model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2),
       num_heads=4, num_head_channels=32, dropout=0.0, scale_shift_norm=True,
-      use_transformer=False, transformer_depth=1, num_groups=32, remat=False))
+      use_transformer=False, transformer_depth=1, num_groups=32, remat=False,
+      # Reference-layout options (ldm_jax.convert sets them for LDM / diffusers weights):
+      # GroupNorm eps, (1, 1)-padded downsampling, timestep embedding layout, middle
+      # attention, per-level heads / transformer depth (() = num_heads / transformer_depth),
+      # cross-attention width (0 = conditioning.text_width).
+      norm_eps=1e-6, symmetric_downsample=False, flip_sin_to_cos=True, freq_shift=0.0,
+      mid_attention=True, level_heads=(), level_transformer_depth=(), context_dim=0))
   c.conditioning = ml_collections.ConfigDict(dict(
       kind="class",            # 'class', 'text' or 'none'
       drop_prob=0.1,           # condition dropout for classifier-free guidance

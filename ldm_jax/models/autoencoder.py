@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.errors import UserError
 from ldm_jax.models import layers
 
 Dtype = Any
@@ -145,6 +146,10 @@ class AutoencoderKL(nn.Module):
   dropout: float = 0.0
   num_groups: int = 32
   dtype: Dtype = jnp.float32
+  # False drops quant_conv and post_quant_conv (diffusers' use_quant_conv=False): the
+  # encoder's moments are the posterior and z feeds the decoder directly (embed_dim must
+  # then equal z_channels).
+  quant_conv: bool = True
 
   @property
   def downsample_factor(self) -> int:
@@ -156,14 +161,21 @@ class AutoencoderKL(nn.Module):
               dropout=self.dropout, num_groups=self.num_groups, dtype=self.dtype)
     self.encoder = Encoder(out_channels=2 * self.z_channels, **kw)
     self.decoder = Decoder(out_channels=self.in_channels, **kw)
-    self.quant_conv = layers.conv(2 * self.embed_dim, 1, dtype=self.dtype)
-    self.post_quant_conv = layers.conv(self.z_channels, 1, dtype=self.dtype)
+    if self.quant_conv:
+      self.quant = layers.conv(2 * self.embed_dim, 1, dtype=self.dtype, name="quant_conv")
+      self.post_quant = layers.conv(self.z_channels, 1, dtype=self.dtype,
+                                    name="post_quant_conv")
+    elif self.embed_dim != self.z_channels:
+      raise UserError(f"AutoencoderKL: quant_conv=False needs embed_dim ({self.embed_dim}) == "
+                      f"z_channels ({self.z_channels})")
 
   def encode(self, x, *, train: bool = False) -> DiagonalGaussian:
-    return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(x, train=train)))
+    moments = self.encoder(x, train=train)
+    return DiagonalGaussian.from_moments(self.quant(moments) if self.quant_conv else moments)
 
   def decode_features(self, z, *, train: bool = False):
-    return self.decoder.features(self.post_quant_conv(z.astype(self.dtype)), train=train)
+    z = z.astype(self.dtype)
+    return self.decoder.features(self.post_quant(z) if self.quant_conv else z, train=train)
 
   def decode_head(self, h):
     return self.decoder.head(h)

@@ -13,12 +13,13 @@ Dtype = Any
 
 
 def group_norm(channels: int, num_groups: int = 32, name: Optional[str] = None,
-               dtype: Dtype = jnp.float32) -> nn.GroupNorm:
-  """GroupNorm with eps=1e-6 as in LDM; falls back to fewer groups for narrow layers."""
+               dtype: Dtype = jnp.float32, eps: float = 1e-6) -> nn.GroupNorm:
+  """GroupNorm (eps=1e-6 as in LDM's autoencoder and transformers; LDM's UNet ResBlocks and
+  diffusers' UNets use 1e-5); falls back to fewer groups for narrow layers."""
   groups = min(num_groups, channels)
   while channels % groups:
     groups -= 1
-  return nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype, name=name)
+  return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, name=name)
 
 
 def conv(features: int, kernel: int = 3, stride: int = 1, name: Optional[str] = None,
@@ -31,15 +32,21 @@ def conv(features: int, kernel: int = 3, stride: int = 1, name: Optional[str] = 
 
 
 class Downsample(nn.Module):
-  """Halves H and W: a stride-2 3x3 conv with LDM's asymmetric (0, 1) padding, or avg-pool."""
+  """Halves H and W: a stride-2 3x3 conv, or avg-pool.
+
+  The conv pads (0, 1) (LDM's autoencoder, diffusers' VAE) or, with `symmetric_padding`,
+  (1, 1) (LDM's `openaimodel` UNet, diffusers' UNets): the two sample different pixels.
+  """
   channels: int
   with_conv: bool = True
   dtype: Dtype = jnp.float32
+  symmetric_padding: bool = False
 
   @nn.compact
   def __call__(self, x):
     if self.with_conv:
-      return conv(self.channels, 3, 2, padding=((0, 1), (0, 1)), dtype=self.dtype, name="conv")(x)
+      pad = (1, 1) if self.symmetric_padding else (0, 1)
+      return conv(self.channels, 3, 2, padding=(pad, pad), dtype=self.dtype, name="conv")(x)
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
@@ -61,23 +68,25 @@ class ResBlock(nn.Module):
   """GroupNorm-SiLU-Conv residual block with an optional embedding (timestep, class).
 
   With `scale_shift_norm` the embedding produces (scale, shift) applied after the second
-  norm (as in the ADM / LDM UNet); otherwise it is added to the hidden state.
+  norm (as in the ADM / LDM UNet); otherwise it is added to the hidden state. `eps` is the
+  GroupNorm epsilon (1e-5 in LDM's UNet and diffusers' UNets).
   """
   out_channels: int
   dropout: float = 0.0
   scale_shift_norm: bool = False
   num_groups: int = 32
   dtype: Dtype = jnp.float32
+  eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x, emb=None, *, train: bool = False):
     in_ch = x.shape[-1]
-    h = nn.silu(group_norm(in_ch, self.num_groups, "norm1", self.dtype)(x))
+    h = nn.silu(group_norm(in_ch, self.num_groups, "norm1", self.dtype, self.eps)(x))
     h = conv(self.out_channels, 3, dtype=self.dtype, name="conv1")(h)
     if emb is not None:
       e = nn.Dense(self.out_channels * (2 if self.scale_shift_norm else 1), dtype=self.dtype,
                    name="emb_proj")(nn.silu(emb))[:, None, None, :]
-    norm2 = group_norm(self.out_channels, self.num_groups, "norm2", self.dtype)
+    norm2 = group_norm(self.out_channels, self.num_groups, "norm2", self.dtype, self.eps)
     if emb is not None and self.scale_shift_norm:
       scale, shift = jnp.split(e, 2, axis=-1)
       h = norm2(h) * (1 + scale) + shift
@@ -102,6 +111,7 @@ class SpatialSelfAttention(nn.Module):
   head_channels: int = -1
   num_groups: int = 32
   dtype: Dtype = jnp.float32
+  eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x):
@@ -109,7 +119,7 @@ class SpatialSelfAttention(nn.Module):
     heads = c // self.head_channels if self.head_channels > 0 else self.num_heads
     if c % heads:
       raise ValueError(f"attention channels {c} not divisible by {heads} heads")
-    h = group_norm(c, self.num_groups, "norm", self.dtype)(x).reshape(b, hgt * wid, c)
+    h = group_norm(c, self.num_groups, "norm", self.dtype, self.eps)(x).reshape(b, hgt * wid, c)
     qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(h)
     q, k, v = (t.reshape(b, hgt * wid, heads, c // heads) for t in jnp.split(qkv, 3, axis=-1))
     out = jax.nn.dot_product_attention(q, k, v).reshape(b, hgt * wid, c)
@@ -121,15 +131,17 @@ class SpatialSelfAttention(nn.Module):
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0,
-                       flip_sin_to_cos: bool = True) -> jax.Array:
+                       flip_sin_to_cos: bool = True, freq_shift: float = 0.0) -> jax.Array:
   """Sinusoidal embedding of (possibly fractional) timesteps, float32 [B, dim].
 
-  Frequencies are exp(-log(max_period) * i / half) for i < half = dim // 2, as in LDM's
-  `timestep_embedding` (diffusers' `downscale_freq_shift=0`). `flip_sin_to_cos=True` gives
-  LDM's [cos, sin] order, False gives [sin, cos]. An odd `dim` is zero-padded.
+  Frequencies are exp(-log(max_period) * i / (half - freq_shift)) for i < half = dim // 2:
+  `freq_shift=0` is LDM's `timestep_embedding` (diffusers' `downscale_freq_shift`, 1 in
+  some diffusers models). `flip_sin_to_cos=True` gives LDM's [cos, sin] order, False gives
+  [sin, cos]. An odd `dim` is zero-padded.
   """
   half = dim // 2
-  freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) /
+                  (half - freq_shift))
   args = jnp.asarray(t, jnp.float32).reshape(-1)[:, None] * freqs[None]
   parts = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
   emb = jnp.concatenate(parts, axis=-1)

@@ -4,7 +4,7 @@ Layout, for `channel_mult` of length n (level i works at resolution /2^i):
 
   conv_in -> for each level: `num_res_blocks` x [ResBlock (+ attention if i in
   attention_levels)], then Downsample (not after the last level)
-  -> middle: ResBlock, attention, ResBlock (attention always, as in LDM)
+  -> middle: ResBlock, attention, ResBlock (attention unless `mid_attention=False`)
   -> for each level, deepest first: `num_res_blocks + 1` x [concat skip, ResBlock
   (+ attention)], then Upsample (not after level 0)
   -> GroupNorm, SiLU, zero-initialised conv_out.
@@ -62,6 +62,18 @@ class UNet(nn.Module):
     remat: rematerialise (gradient-checkpoint) every ResBlock and attention block.
     num_groups: GroupNorm groups.
     dtype: computation dtype (e.g. jnp.bfloat16); the output is always float32.
+
+  Reference-layout options (defaults keep this project's original model; the converters in
+  `ldm_jax.convert` set them to match LDM's `openaimodel.UNetModel` and diffusers' UNets):
+    norm_eps: GroupNorm epsilon of the ResBlocks, plain self-attention and the output norm
+      (1e-5 in both references; the SpatialTransformer's norm stays at 1e-6 as in both).
+    symmetric_downsample: pad the stride-2 Downsample conv (1, 1) instead of (0, 1).
+    flip_sin_to_cos, freq_shift: timestep embedding layout (see `layers.timestep_embedding`).
+    mid_attention: attention between the two middle ResBlocks (diffusers' `add_attention`).
+    level_heads: attention heads per level (overrides num_heads / num_head_channels; the
+      middle block uses the last level's), as diffusers' per-block `attention_head_dim`.
+    level_transformer_depth: transformer blocks per level (overrides transformer_depth; the
+      middle block uses the last level's), diffusers' `transformer_layers_per_block` list.
   """
   model_channels: int = 128
   out_channels: int = 4
@@ -80,6 +92,13 @@ class UNet(nn.Module):
   remat: bool = False
   num_groups: int = 32
   dtype: Dtype = jnp.float32
+  norm_eps: float = 1e-6
+  symmetric_downsample: bool = False
+  flip_sin_to_cos: bool = True
+  freq_shift: float = 0.0
+  mid_attention: bool = True
+  level_heads: Sequence[int] = ()
+  level_transformer_depth: Sequence[int] = ()
 
   @property
   def null_label(self) -> int:
@@ -101,32 +120,46 @@ class UNet(nn.Module):
     for level in self.attention_levels:
       if not 0 <= level < len(self.channel_mult):
         raise UserError(f"UNet: attention level {level} outside 0..{len(self.channel_mult) - 1}")
+    for name in ("level_heads", "level_transformer_depth"):
+      value = tuple(getattr(self, name))
+      if value and len(value) != len(self.channel_mult):
+        raise UserError(f"UNet: {name}={value} needs one entry per level "
+                        f"(channel_mult has {len(self.channel_mult)})")
 
-  def _heads(self, channels: int) -> int:
-    heads = channels // self.num_head_channels if self.num_head_channels > 0 else self.num_heads
+  def _heads(self, channels: int, level: int) -> int:
+    if self.level_heads:
+      heads = self.level_heads[level]
+    elif self.num_head_channels > 0:
+      heads = channels // self.num_head_channels
+    else:
+      heads = self.num_heads
     if heads < 1 or channels % heads:
       raise UserError(f"UNet: {channels} channels do not split into attention heads "
-                      f"(num_heads={self.num_heads}, num_head_channels={self.num_head_channels})")
+                      f"(num_heads={self.num_heads}, num_head_channels={self.num_head_channels},"
+                      f" level_heads={tuple(self.level_heads)})")
     return heads
 
   def _res(self, name: str, out_ch: int, h, emb, train: bool):
     block = layers.ResBlock(out_ch, self.dropout, self.scale_shift_norm, self.num_groups,
-                            self.dtype, name=name)
+                            self.dtype, eps=self.norm_eps, name=name)
     if not self.remat:
       return block(h, emb, train=train)
     # A lifted function keeps `train` static (a Python closure) and the parameter tree
     # identical to the non-remat model.
     return nn.remat(lambda mdl, h, emb: mdl(h, emb, train=train))(block, h, emb)
 
-  def _attn(self, name: str, h, context, context_mask):
+  def _attn(self, name: str, level: int, h, context, context_mask):
     ch = h.shape[-1]
-    heads = self._heads(ch)
+    heads = self._heads(ch, level)
     if self.use_transformer:
-      block = layers.SpatialTransformer(heads, ch // heads, self.transformer_depth,
-                                        self.num_groups, self.dtype, name=name)
+      depth = (self.level_transformer_depth[level] if self.level_transformer_depth
+               else self.transformer_depth)
+      block = layers.SpatialTransformer(heads, ch // heads, depth, self.num_groups, self.dtype,
+                                        name=name)
       fn = lambda mdl, h, c, m: mdl(h, c, m)  # noqa: E731
     else:
-      block = layers.SpatialSelfAttention(heads, -1, self.num_groups, self.dtype, name=name)
+      block = layers.SpatialSelfAttention(heads, -1, self.num_groups, self.dtype,
+                                          eps=self.norm_eps, name=name)
       fn = lambda mdl, h, c, m: mdl(h)  # noqa: E731
     if self.remat:
       fn = nn.remat(fn)
@@ -158,7 +191,9 @@ class UNet(nn.Module):
       raise UserError(f"UNet: spatial size {hgt}x{wid} not divisible by {f}")
     mc, emb_dim = self.model_channels, 4 * self.model_channels
 
-    t_emb = layers.timestep_embedding(jnp.broadcast_to(jnp.asarray(t), (b,)), mc)
+    t_emb = layers.timestep_embedding(jnp.broadcast_to(jnp.asarray(t), (b,)), mc,
+                                      flip_sin_to_cos=self.flip_sin_to_cos,
+                                      freq_shift=self.freq_shift)
     emb = nn.Dense(emb_dim, dtype=self.dtype, name="time_embed_0")(t_emb)
     emb = nn.Dense(emb_dim, dtype=self.dtype, name="time_embed_1")(nn.silu(emb))
     if self.num_classes > 0:
@@ -173,15 +208,16 @@ class UNet(nn.Module):
       for i in range(self.num_res_blocks):
         h = self._res(f"down{level}_res{i}", mc * mult, h, emb, train)
         if level in self.attention_levels:
-          h = self._attn(f"down{level}_attn{i}", h, context, context_mask)
+          h = self._attn(f"down{level}_attn{i}", level, h, context, context_mask)
         skips.append(h)
       if level != len(self.channel_mult) - 1:
         h = layers.Downsample(h.shape[-1], self.conv_resample, self.dtype,
-                              name=f"down{level}_downsample")(h)
+                              self.symmetric_downsample, name=f"down{level}_downsample")(h)
         skips.append(h)
 
     h = self._res("mid_res0", h.shape[-1], h, emb, train)
-    h = self._attn("mid_attn", h, context, context_mask)
+    if self.mid_attention:
+      h = self._attn("mid_attn", len(self.channel_mult) - 1, h, context, context_mask)
     h = self._res("mid_res1", h.shape[-1], h, emb, train)
 
     for level, mult in reversed(list(enumerate(self.channel_mult))):
@@ -189,12 +225,13 @@ class UNet(nn.Module):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
         h = self._res(f"up{level}_res{i}", mc * mult, h, emb, train)
         if level in self.attention_levels:
-          h = self._attn(f"up{level}_attn{i}", h, context, context_mask)
+          h = self._attn(f"up{level}_attn{i}", level, h, context, context_mask)
       if level:
         h = layers.Upsample(h.shape[-1], self.conv_resample, self.dtype,
                             name=f"up{level}_upsample")(h)
 
-    h = nn.silu(layers.group_norm(h.shape[-1], self.num_groups, "norm_out", self.dtype)(h))
+    h = nn.silu(layers.group_norm(h.shape[-1], self.num_groups, "norm_out", self.dtype,
+                                  self.norm_eps)(h))
     out = nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                   kernel_init=nn.initializers.zeros, name="conv_out")(h)
     return out.astype(jnp.float32)

@@ -37,7 +37,8 @@ def build_autoencoder(ae_cfg: ml_collections.ConfigDict, channels: int,
       ch=ae_cfg.ch, ch_mult=tuple(ae_cfg.ch_mult), num_res_blocks=ae_cfg.num_res_blocks,
       in_channels=channels, z_channels=ae_cfg.z_channels, embed_dim=ae_cfg.embed_dim,
       attn_levels=tuple(ae_cfg.attn_levels), mid_attention=ae_cfg.mid_attention,
-      dropout=ae_cfg.dropout, num_groups=ae_cfg.num_groups, dtype=dtype)
+      dropout=ae_cfg.dropout, num_groups=ae_cfg.num_groups, dtype=dtype,
+      quant_conv=bool(ae_cfg.get("quant_conv", True)))  # absent in configs of older runs
 
 
 def metrics_collection(names):

@@ -51,17 +51,26 @@ def make_schedule(ldm: ml_collections.ConfigDict) -> diffusion.DiffusionSchedule
 
 def build_unet(ldm: ml_collections.ConfigDict, latent_channels: int, num_classes: int,
                dtype=jnp.float32) -> UNet:
+  """The UNet of `config.ldm`. Keys added later (reference-layout options, context_dim) are
+  read with their defaults so configs saved by older runs still build the same model."""
   u, cond = ldm.unet, ldm.conditioning
+  context_dim = ((u.get("context_dim", 0) or cond.text_width) if cond.kind in TEXT_KINDS
+                 else None)
   return UNet(
       model_channels=u.model_channels, out_channels=latent_channels,
       num_res_blocks=u.num_res_blocks, channel_mult=tuple(u.channel_mult),
       attention_levels=tuple(u.attention_levels), num_heads=u.num_heads,
       num_head_channels=u.num_head_channels, dropout=u.dropout,
       scale_shift_norm=u.scale_shift_norm, use_transformer=u.use_transformer,
-      transformer_depth=u.transformer_depth,
-      context_dim=cond.text_width if cond.kind in TEXT_KINDS else None,
+      transformer_depth=u.transformer_depth, context_dim=context_dim,
       num_classes=num_classes if cond.kind == "class" else 0, remat=u.remat,
-      num_groups=u.num_groups, dtype=dtype)
+      num_groups=u.num_groups, dtype=dtype, norm_eps=float(u.get("norm_eps", 1e-6)),
+      symmetric_downsample=bool(u.get("symmetric_downsample", False)),
+      flip_sin_to_cos=bool(u.get("flip_sin_to_cos", True)),
+      freq_shift=float(u.get("freq_shift", 0.0)),
+      mid_attention=bool(u.get("mid_attention", True)),
+      level_heads=tuple(u.get("level_heads", ())),
+      level_transformer_depth=tuple(u.get("level_transformer_depth", ())))
 
 
 def build_text_encoder(ldm, tokenizer: Tokenizer, dtype=jnp.float32):
