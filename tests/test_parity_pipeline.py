@@ -188,6 +188,12 @@ def test_convert_errors_name_the_problem(tmp_path):
   with pytest.raises(UserError, match="beta_schedule='sigmoid'"):
     stable_diffusion.schedule_settings(dict(num_train_timesteps=1000, beta_start=0.1,
                                             beta_end=0.2, beta_schedule="sigmoid"))
+  diff, opts = stable_diffusion.schedule_settings(dict(  # SD 1.x's scheduler_config.json
+      num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+      steps_offset=1, clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True))
+  assert diff["schedule"] == "scaled_linear" and diff["parameterization"] == "eps"
+  assert opts == dict(timestep_spacing=None, steps_offset=1, set_alpha_to_one=False,
+                      clip_sample=0.0)
   with pytest.raises(UserError, match=r"\['beta_end'\]"):
     stable_diffusion.schedule_settings(dict(num_train_timesteps=1000, beta_start=0.1,
                                             beta_schedule="linear"))

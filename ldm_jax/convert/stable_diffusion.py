@@ -44,8 +44,10 @@ def schedule_settings(sched: Mapping[str, Any]) -> tuple[dict, dict]:
   if pred not in PREDICTION_TYPES:
     raise UserError(f"scheduler_config.json prediction_type={pred!r} is not supported "
                     f"(one of {sorted(PREDICTION_TYPES)})")
-  spacing = sched.get("timestep_spacing", "leading")
-  if spacing not in ("leading", "linspace", "trailing"):
+  # Absent (SD 1.x's file predates the key): each sampler keeps its diffusers default, as
+  # `XScheduler.from_config` would (DDIM/DDPM 'leading', DPM-Solver++ 'linspace').
+  spacing = sched.get("timestep_spacing")
+  if spacing not in (None, "leading", "linspace", "trailing"):
     raise UserError(f"scheduler_config.json timestep_spacing={spacing!r} is not supported")
   diffusion = dict(schedule=BETA_SCHEDULES[kind], num_timesteps=int(sched["num_train_timesteps"]),
                    beta_start=float(sched["beta_start"]), beta_end=float(sched["beta_end"]),
