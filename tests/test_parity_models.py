@@ -139,15 +139,15 @@ def test_unet2d_model(attention):
   _check_unet(torch_model, cfg, params, context=False)
 
 
-@pytest.mark.parametrize("levels,quant_conv", [(2, True), (3, False)])
-def test_autoencoder_kl(levels, quant_conv):
+def test_autoencoder_kl_without_quant_convs():
+  """3 blocks, no quant_conv / post_quant_conv (2 blocks with them: test_compvis_autoencoder,
+  which converts the same weights from diffusers' names too)."""
   torch_model = _perturb(diffusers.AutoencoderKL(
-      block_out_channels=(8, 16, 16)[:levels], down_block_types=("DownEncoderBlock2D",) * levels,
-      up_block_types=("UpDecoderBlock2D",) * levels, layers_per_block=4 - levels,
-      norm_num_groups=4, latent_channels=3, use_quant_conv=quant_conv,
-      use_post_quant_conv=quant_conv))
+      block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
+      up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=4,
+      latent_channels=3, use_quant_conv=False, use_post_quant_conv=False))
   cfg, params = dm.vae_from_diffusers(_config(torch_model), _numpy_state(torch_model))
-  assert cfg["quant_conv"] is quant_conv and ("quant_conv" in params) == quant_conv
+  assert cfg["quant_conv"] is False and "quant_conv" not in params
   _check_vae(torch_model, cfg, params)
 
 
@@ -332,14 +332,14 @@ def _to_compvis_vae(state, n):
 
 def test_compvis_autoencoder():
   dd = dict(double_z=True, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32,
-            ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+            ch_mult=[1, 2], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
   full = {"model": {"params": {"first_stage_config": {"params": {"embed_dim": 4, "ddconfig": dd}}}}}
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     config = sfu.create_vae_diffusers_config_from_ldm(full, {}, image_size=64)
   torch_model = _perturb(diffusers.AutoencoderKL(**config))
   state = _numpy_state(torch_model)
-  ckpt = _to_compvis_vae(state, 3)
+  ckpt = _to_compvis_vae(state, 2)
   back = sfu.convert_ldm_vae_checkpoint(ckpt, config)
   assert back.keys() == state.keys()
   assert all(np.array_equal(back[k], state[k]) for k in state)
@@ -390,3 +390,25 @@ def test_config_defaults_keep_the_original_models():
   emb = layers.timestep_embedding(np.array([5.0]), 8, freq_shift=1.0)
   ref = np.exp(-np.log(10000.0) * np.arange(4) / 3) * 5.0  # diffusers' downscale_freq_shift
   np.testing.assert_allclose(emb[0], np.concatenate([np.cos(ref), np.sin(ref)]), rtol=1e-5)
+
+
+def test_stable_diffusion_15_sized_unet_and_vae_map_every_key():
+  """Names and shapes at full size: SD 1.5's UNet and VAE configs, built on torch's meta
+  device (no memory), with zero-stride numpy stand-ins for the weights."""
+  sd15_unet = dict(
+      _class_name="UNet2DConditionModel", attention_head_dim=8, cross_attention_dim=768,
+      block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, norm_eps=1e-5,
+      down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+      up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, in_channels=4, out_channels=4)
+  sd_vae = dict(_class_name="AutoencoderKL", block_out_channels=[128, 256, 512, 512],
+                down_block_types=["DownEncoderBlock2D"] * 4, layers_per_block=2,
+                up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4)
+  for config, cls, convert, count in [
+      (sd15_unet, diffusers.UNet2DConditionModel, dm.unet_from_diffusers, 859_520_964),
+      (sd_vae, diffusers.AutoencoderKL, dm.vae_from_diffusers, 83_653_863)]:
+    with torch.device("meta"):
+      model = cls(**{k: v for k, v in config.items() if k != "_class_name"})
+    zero = np.zeros((), np.float32)
+    state = {k: np.broadcast_to(zero, tuple(v.shape)) for k, v in model.state_dict().items()}
+    _, params = convert(config, state)
+    assert sum(p.size for p in jax.tree.leaves(params)) == count
