@@ -1,7 +1,13 @@
 """Train ldm_jax models: python train.py --config=configs/ldm.py --workdir=runs/ldm
 
 Re-running the same command on the same workdir resumes from the latest checkpoint.
+
+Several processes (one per host) form one job with `--distributed` (cluster detected from the
+environment: Cloud TPU, SLURM, Open MPI, Kubernetes) or with explicit
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`; see docs/DISTRIBUTED.md.
+SIGTERM to any process saves a checkpoint at the same step on all of them and exits 0.
 """
+import logging
 import os
 import sys
 
@@ -14,6 +20,17 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (optionally `file.py:preset`).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
+flags.DEFINE_bool("distributed", False, "Initialise jax.distributed (implied by "
+                  "--coordinator_address); without addresses the cluster is auto-detected.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's coordinator.")
+flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+flags.DEFINE_string("local_device_ids", None, "Comma-separated local device ids this process "
+                    "uses (e.g. one GPU per process).")
+flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds after which a silent peer counts as "
+                     "dead and the other processes stop with an error.")
+flags.DEFINE_integer("initialization_timeout", 300, "Seconds to wait for all processes to "
+                     "join.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -23,12 +40,23 @@ def main(argv):
   from ldm_jax import platform  # noqa: E402  (sets XLA flags before jax starts)
   platform.configure()
   platform.quiet_library_logs()
+  from ldm_jax import distributed
   from ldm_jax.errors import UserError
   from ldm_jax.train.run import run
   try:
+    if FLAGS.distributed or FLAGS.coordinator_address:
+      distributed.initialize(
+          coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+          process_id=FLAGS.process_id, local_device_ids=FLAGS.local_device_ids,
+          heartbeat_timeout=FLAGS.heartbeat_timeout,
+          initialization_timeout=FLAGS.initialization_timeout)
+    distributed.install_preemption_watch()
     run(FLAGS.config, FLAGS.workdir)
   except UserError as e:
     sys.exit(f"error: {e}")
+  except distributed.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -35,10 +35,16 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=32, num_steps=2000, compute_dtype="float32",
       log_every=50, eval_every=500, checkpoint_every=500, keep_checkpoints=2,
       async_checkpoint=True, progress_every_secs=30.0, profile=False,
+      nonfinite="stop",  # a non-finite loss or update: 'stop' the run, or 'skip' the update
       eval_batch_size=200, eval_max_examples=0, num_eval_images=16))
 
-  # Mesh axis sizes; -1 takes the remaining devices. The batch is split over data x fsdp.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Mesh axis sizes; -1 takes the remaining devices. The batch is split over data x fsdp;
+  # parameters, optimizer state and EMA are split over fsdp (arrays of at least fsdp_min_size
+  # elements) and, for attention and MLP kernels, over tensor (ldm_jax/sharding.py). `rules`:
+  # extra (regex on the leaf path, per-dimension axes) pairs tried before the built-in ones,
+  # e.g. ((r"conv_out/kernel$", (None, None, "fsdp", None)),). Used by both stages.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, fsdp_min_size=2 ** 14,
+                                          rules=()))
   return c
 
 

@@ -46,7 +46,7 @@ def ldm_block() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       batch_size=64, num_steps=2000, compute_dtype="float32", log_every=50,
       eval_every=1000, checkpoint_every=1000, keep_checkpoints=2, async_checkpoint=True,
-      progress_every_secs=30.0, profile=False))
+      progress_every_secs=30.0, profile=False, nonfinite="stop"))
   c.sample = ml_collections.ConfigDict(dict(
       sampler="ddim", steps=50, guidance=3.0, eta=0.0, num_samples=64))
   return c

@@ -7,14 +7,9 @@ import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from ldm_jax import sharding
 from ldm_jax.errors import UserError
-from ldm_jax.train.autoencoder import AutoencoderTask
 from ldm_jax.train.run import run
 from ldm_jax.train.writers import read_jsonl
 
@@ -56,59 +51,7 @@ def test_reconstruction_loss_falls_on_real_data(tfds_dir, tmp_path):
   assert len(read_jsonl(tmp_path / "autoencoder" / "metrics.jsonl")) == len(history)
 
 
-def _train_steps(config, mesh, n, variant):
-  task = AutoencoderTask(config)
-  abstract = jax.eval_shape(task.init_state, jax.random.key(0))
-  # A low FSDP threshold so that most parameters really are split on the fsdp axis.
-  shardings = sharding.state_shardings(abstract, mesh, fsdp_min_size=64)
-  state = jax.jit(task.init_state, out_shardings=shardings)(jax.random.key(0))
-  step = jax.jit(task.make_train_step(variant), in_shardings=(
-      shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-                 out_shardings=(shardings, sharding.replicated(mesh)))
-  rng = np.random.default_rng(0)
-  history = []
-  for _ in range(n):
-    batch = {"image": rng.uniform(-1, 1, (16, 32, 32, 1)).astype(np.float32),
-             "label": np.zeros(16, np.int32)}
-    state, metrics = step(state, sharding.put_batch(batch, sharding.batch_sharding(mesh)),
-                          jax.random.key(1))
-    history.append({k: float(v) for k, v in metrics.compute().items()})
-  return state, history
-
-
-def test_sharded_step_equals_single_device(tfds_dir):
-  import ml_collections
-  config = tiny_config(tfds_dir)
-  # Conv biases in front of a GroupNorm and attention key biases get no gradient in exact
-  # arithmetic, so Adam's g / (sqrt(v) + eps) turns rounding noise (~1e-9) into +-lr steps
-  # that differ with the reduction order; a larger eps keeps such steps below 1% of lr, the
-  # absolute tolerance below.
-  config.optim.eps = 1e-4
-  one = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)),
-                           jax.devices()[:1])
-  s1, h1 = _train_steps(config, one, 3, True)
-  for axes in (dict(data=8, fsdp=1), dict(data=2, fsdp=4)):
-    many = sharding.make_mesh(ml_collections.ConfigDict(dict(tensor=1, **axes)))
-    s8, h8 = _train_steps(config, many, 3, True)
-    if axes["fsdp"] > 1:
-      assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(s8.params))
-    for a, b in zip(h1, h8):
-      for k in a:
-        assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (axes, k)
-    paths = jax.tree_util.tree_leaves_with_path(s1.params)
-    for (path, a), b in zip(paths, jax.tree.leaves(s8.params)):
-      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5,
-                                 atol=0.01 * config.optim.lr, err_msg=f"{axes} {jax.tree_util.keystr(path)}")
-
-
-def test_fsdp_shards_large_parameters():
-  import ml_collections
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=4, tensor=1)))
-  tree = {"big": jax.ShapeDtypeStruct((3, 3, 64, 128), jnp.float32),
-          "small": jax.ShapeDtypeStruct((128,), jnp.float32)}
-  sh = sharding.state_shardings(tree, mesh)
-  assert sh["big"].spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
-  assert sh["small"].spec == jax.sharding.PartitionSpec()
+# Sharded == single-device steps and the partition rules: tests/test_distributed.py.
 
 
 def _train_cmd(workdir, *overrides):

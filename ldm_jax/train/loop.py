@@ -9,6 +9,14 @@ metrics, periodic actions and checkpoints. Stage specifics come in through a tas
                                     autoencoder's parameters), replicated on the mesh
   task.batch_keys()              -> {name: (shape after the batch axis, dtype)} beyond
                                     image/label
+  task.config.mesh               (optional) partition rules, see sharding.partition_rules
+
+Faults: every compiled step checks that its metrics (the loss) and the updated parameters,
+optimizer state and EMA are finite, and if not keeps the previous ones (`jnp.where`, no host
+sync); the host reads these flags at log and checkpoint steps and stops the run naming the
+first bad step (`train.nonfinite='stop'`) or logs the skipped steps ('skip'). A checkpoint is
+written only after the flags up to its step are read and the state is checked to be finite.
+After every step all processes ask `PreemptionWatch` whether to save and exit (SIGTERM).
 """
 import logging
 import os
@@ -21,8 +29,12 @@ from clu import periodic_actions
 
 from ldm_jax import sharding
 from ldm_jax.checkpoint import Checkpointer, abstract_like
+from ldm_jax import distributed, platform
 from ldm_jax.errors import UserError
+from ldm_jax.train.state import all_finite, keep_if_not
 from ldm_jax.train.writers import create_writer
+
+NONFINITE_CHOICES = ("stop", "skip")
 
 EvalCallback = Callable[[Any, int, Any], None]
 
@@ -37,12 +49,37 @@ def batch_spec(global_batch: int, image_size: int, channels: int, mesh,
           for k, (shape, dtype) in keys.items()}
 
 
+def init_state(task, rng, shardings):
+  """task.init_state(rng) created directly with `shardings` (never whole on one device)."""
+  return jax.jit(task.init_state, out_shardings=shardings).lower(rng).compile(
+      compiler_options=platform.run_once_compiler_options())(rng)
+
+
+def guarded_step(step_fn):
+  """Wraps a task step: (state, batch, rng, *c) -> (state, metrics, ok).
+
+  `ok` (a replicated bool) says whether the metrics and the updated state are finite; when not,
+  the previous parameters, optimizer state and EMA are kept and the step's metrics are zeroed
+  (clu Average totals and counts, so an accumulated average leaves the step out).
+  """
+  def step(state, batch, rng, *constants):
+    new, metrics = step_fn(state, batch, rng, *constants)
+    ok = (all_finite(metrics) & all_finite(new.params) & all_finite(new.opt_state)
+          & all_finite(new.ema_params))
+    new = keep_if_not(ok, new, state)
+    metrics = jax.tree.map(lambda m: jnp.where(ok, m, jnp.zeros_like(m)), metrics)
+    return new, metrics, ok
+  return step
+
+
 class StepCompiler:
-  """Compiles each step variant once, ahead of time, with explicit shardings and donation."""
+  """Compiles each (guarded) step variant once, ahead of time, with explicit shardings and
+  donation of the state."""
 
   def __init__(self, task, abstract_state, state_shardings, batch_abstract, mesh,
-               constants=()):
+               constants=(), compiler_options=None):
     self._task, self._mesh = task, mesh
+    self._options = compiler_options
     repl = sharding.replicated(mesh)
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=repl)
     self._args = (abstract_state, batch_abstract, rng) + tuple(
@@ -50,15 +87,16 @@ class StepCompiler:
         for c in constants)
     self._in_shardings = (state_shardings, sharding.batch_sharding(mesh), repl) + (
         (repl,) * len(constants))
-    self._out_shardings = (state_shardings, repl)
+    self._out_shardings = (state_shardings, repl, repl)
     self._compiled = {}
 
   def __call__(self, variant):
     if variant not in self._compiled:
-      fn = jax.jit(self._task.make_train_step(variant), in_shardings=self._in_shardings,
+      fn = jax.jit(guarded_step(self._task.make_train_step(variant)),
+                   in_shardings=self._in_shardings,
                    out_shardings=self._out_shardings, donate_argnums=0)
       logging.info("compiling %s step (variant %r)", self._task.name, variant)
-      self._compiled[variant] = fn.lower(*self._args).compile()
+      self._compiled[variant] = fn.lower(*self._args).compile(self._options)
     return self._compiled[variant]
 
 
@@ -69,6 +107,41 @@ def _check_finite(scalars: dict, step: int) -> None:
                              "checkpoint of this state is written")
 
 
+class _FiniteFlags:
+  """The per-step `ok` flags of the guarded step, read in bulk only at sync points."""
+
+  def __init__(self, mode: str, key: str):
+    self.mode, self.key = mode, key
+    self._pending = []
+    self.skipped = []
+
+  def add(self, step: int, ok) -> None:
+    self._pending.append((step, ok))
+
+  def check(self) -> None:
+    """Raises FloatingPointError naming the first non-finite step (mode 'stop')."""
+    if not self._pending:
+      return
+    steps, flags = zip(*self._pending)
+    self._pending = []
+    bad = [s for s, ok in zip(steps, jax.device_get(list(flags))) if not bool(ok)]
+    if not bad:
+      return
+    if self.mode == "stop":
+      raise FloatingPointError(
+          f"non-finite loss or update at step {bad[0]}: the update was not applied and no "
+          f"checkpoint of it is written (config.{self.key}.nonfinite='skip' skips such steps)")
+    self.skipped.extend(bad)
+    logging.warning("non-finite loss or update at step(s) %s: update(s) skipped", bad)
+
+
+def _save(ckpt: Checkpointer, step: int, state, meta: dict, finite_fn) -> None:
+  if not bool(finite_fn(state)):
+    raise FloatingPointError(f"the train state at step {step} is not finite; not writing a "
+                             f"checkpoint to {ckpt.directory}")
+  ckpt.save(step, state, meta, force=True)
+
+
 def train_stage(task, *, train_cfg, seed: int, image_shape: tuple[int, int], stage_dir: str,
                 mesh, batches: Callable[[int], Iterator[dict]],
                 on_eval: Optional[EvalCallback] = None, meta: Optional[dict] = None,
@@ -76,23 +149,33 @@ def train_stage(task, *, train_cfg, seed: int, image_shape: tuple[int, int], sta
   """Trains `task` to train_cfg.num_steps, resuming from stage_dir/checkpoints if present.
 
   `image_shape` is (image_size, channels) of the batches; `batches(start_step)` yields
-  host-local numpy batches for steps start_step, start_step+1, ...; `meta` is extra JSON saved
-  with every checkpoint; `train_key` is where train_cfg lives in the config (for messages).
-  Returns the final state (on the mesh) and the last logged scalars ({} if none ran).
+  host-local numpy batches for steps start_step, start_step+1, ... (this process's rows);
+  `meta` is extra JSON saved with every checkpoint; `train_key` is where train_cfg lives in
+  the config (for messages). Every process runs this in lockstep. Returns the final state (on
+  the mesh) and the last logged scalars ({} if none ran). Raises `Preempted` after saving
+  when any process got SIGTERM, FloatingPointError on a non-finite step in 'stop' mode.
   """
   tc = train_cfg
+  mode = tc.get("nonfinite", "stop")
+  if mode not in NONFINITE_CHOICES:
+    raise UserError(f"config.{train_key}.nonfinite={mode!r} is not one of "
+                    f"{list(NONFINITE_CHOICES)}")
   sharding.check_batch_size(tc.batch_size, mesh, f"{train_key}.batch_size")
+  sharding.check_local_rows(mesh, tc.batch_size)
   ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), keep=tc.keep_checkpoints,
                       save_every=tc.checkpoint_every, async_save=tc.async_checkpoint)
   init_rng, step_rng = jax.random.split(jax.random.key(seed))
   abstract = jax.eval_shape(task.init_state, init_rng)
-  shardings = sharding.state_shardings(abstract, mesh)
+  rules, min_size = sharding.partition_rules(getattr(getattr(task, "config", None), "mesh",
+                                                     None))
+  shardings = sharding.state_shardings(abstract, mesh, rules, min_size)
   meta = {"global_batch": int(tc.batch_size), "seed": int(seed), **(meta or {})}
   start = ckpt.latest_step()
   if start is None:
-    state = jax.jit(task.init_state, out_shardings=shardings)(init_rng)
+    state = init_state(task, init_rng, shardings)
     start = 0
   else:
+    # Elastic: the target shardings are this run's mesh, whatever mesh wrote the checkpoint.
     state, saved = ckpt.restore(abstract_like(abstract, shardings), start)
     for key, name in (("global_batch", f"{train_key}.batch_size"), ("seed", "seed")):
       if saved.get(key) != meta[key]:
@@ -105,11 +188,12 @@ def train_stage(task, *, train_cfg, seed: int, image_shape: tuple[int, int], sta
     ckpt.close()
     return state, {}
   batch_abstract = batch_spec(tc.batch_size, *image_shape, mesh, task.batch_keys())
-  constants = jax.device_put(task.step_constants(), sharding.replicated(mesh))
+  constants = sharding.replicate(task.step_constants(), mesh)
   compile_step = StepCompiler(task, abstract_like(abstract, shardings), shardings,
                               batch_abstract, mesh, constants)
+  finite_fn = jax.jit(all_finite, out_shardings=sharding.replicated(mesh))
   batch_sh = sharding.batch_sharding(mesh)
-  step_rng = jax.device_put(step_rng, sharding.replicated(mesh))
+  step_rng = sharding.replicate(step_rng, mesh)
 
   writer = create_writer(stage_dir)
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
@@ -117,28 +201,46 @@ def train_stage(task, *, train_cfg, seed: int, image_shape: tuple[int, int], sta
   if tc.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=stage_dir, num_profile_steps=5))
   accumulated, scalars = None, {}
+  flags = _FiniteFlags(mode, train_key)
   stream = batches(start)
+  watch = distributed.installed_preemption_watch()
+  own_watch = watch is None
+  if own_watch:
+    watch = distributed.PreemptionWatch()
   try:
     for step in range(start, num_steps):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = sharding.put_batch(next(stream), batch_sh)
-        state, step_metrics = compile_step(task.step_variant(step))(state, batch, step_rng,
-                                                                    *constants)
+        state, step_metrics, ok = compile_step(task.step_variant(step))(state, batch, step_rng,
+                                                                        *constants)
+      flags.add(step + 1, ok)
       accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
       done = step + 1
       for hook in hooks:
         hook(done)
-      saving = done % tc.checkpoint_every == 0 or done == num_steps
+      preempted = watch.reached(done)
+      saving = done % tc.checkpoint_every == 0 or done == num_steps or preempted
       if done % tc.log_every == 0 or saving:
+        flags.check()
         scalars = {k: float(v) for k, v in accumulated.compute().items()}
         accumulated = None
+        if mode == "skip":  # a window of only skipped steps averages 0 / 0
+          scalars = {k: v for k, v in scalars.items() if np.isfinite(v)}
         _check_finite(scalars, done)
-        writer.write_scalars(done, scalars)
-      if on_eval is not None and (done % tc.eval_every == 0 or done == num_steps):
+        if scalars:
+          writer.write_scalars(done, scalars)
+      if on_eval is not None and not preempted and (done % tc.eval_every == 0
+                                                    or done == num_steps):
         on_eval(state, done, writer)
       if saving:
-        ckpt.save(done, state, meta, force=True)
+        _save(ckpt, done, state, meta, finite_fn)
+      if preempted:
+        ckpt.wait()
+        logging.warning("%s: preempted, saved step %d", task.name, done)
+        raise distributed.Preempted(done, ckpt.directory)
   finally:
+    if own_watch:
+      watch.close()
     stream.close()
     writer.flush()
     ckpt.wait()

@@ -57,3 +57,23 @@ def adam_schedule(lr: float, warmup_steps: int, total_steps: int, decay: str = "
 
 def cast_tree(tree, dtype: Optional[Any]):
   return tree if dtype is None else jax.tree.map(lambda x: x.astype(dtype), tree)
+
+
+def all_finite(tree) -> jax.Array:
+  """A scalar bool: every floating-point element of `tree` is finite (one fused reduction)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not leaves:
+    return jnp.asarray(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def keep_if_not(ok: jax.Array, new: TrainState, old: TrainState) -> TrainState:
+  """`new` where `ok`, else `old`'s parameters, optimizer state and EMA with `new`'s step.
+
+  The step counter still advances, so that the data stream, the per-step rngs and the
+  checkpoint step stay aligned with the loop; only the update itself is dropped.
+  """
+  pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(ok, x, y), a, b)  # noqa: E731
+  return new.replace(params=pick(new.params, old.params),
+                     opt_state=pick(new.opt_state, old.opt_state),
+                     ema_params=pick(new.ema_params, old.ema_params))

@@ -1,0 +1,186 @@
+"""Meshes and faults in one process (8 fake CPU devices): partition rules, sharded == single
+device, the non-finite guard, and restoring a checkpoint onto other meshes."""
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from ldm_jax import platform, sharding
+from ldm_jax.checkpoint import Checkpointer, abstract_like
+from ldm_jax.errors import UserError
+from ldm_jax.train import loop
+from ldm_jax.train.autoencoder import AutoencoderTask
+
+ROOT = pathlib.Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+import autoencoder as ae_configs  # noqa: E402
+
+
+def tiny_config(**train):
+  c = ae_configs.get_config("smoke")
+  c.autoencoder.update(ch=8, num_groups=8)
+  c.discriminator.update(ndf=8)
+  c.mesh.fsdp_min_size = 64  # so that most parameters of the tiny model really are split
+  # Conv biases in front of a GroupNorm get no gradient in exact arithmetic, so Adam's
+  # g / (sqrt(v) + eps) turns rounding noise (~1e-9) into +-lr steps that differ with the
+  # reduction order; a larger eps keeps such steps below 1% of lr.
+  c.optim.eps = 1e-4
+  c.optim.warmup_steps = 2
+  c.train.update(batch_size=16, num_steps=4, log_every=1, checkpoint_every=2,
+                 async_checkpoint=False, progress_every_secs=1000.0)
+  c.train.update(**train)
+  return c
+
+
+def mesh_of(data, fsdp, tensor=1, n=None):
+  devices = jax.devices()[:n or data * fsdp * tensor]
+  return sharding.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp,
+                                                           tensor=tensor)), devices)
+
+
+def random_batch(rng, n=16):
+  return {"image": rng.uniform(-1, 1, (n, 32, 32, 1)).astype(np.float32),
+          "label": np.zeros(n, np.int32)}
+
+
+def test_partition_rules_shard_state_and_follow_params():
+  mesh = mesh_of(1, 4, 2)
+  task = AutoencoderTask(tiny_config())
+  abstract = jax.eval_shape(task.init_state, jax.random.key(0))
+  sh = sharding.state_shardings(abstract, mesh, *sharding.partition_rules(task.config.mesh))
+  params = sh.params["autoencoder"]["encoder"]["mid_attn"]
+  assert params["qkv"]["kernel"].spec == P("fsdp", "tensor")
+  assert params["qkv"]["bias"].spec == P("tensor")
+  assert params["proj_out"]["kernel"].spec == P("tensor", "fsdp")
+  # Adam's moments follow the parameters (the rules match path suffixes).
+  flat = {sharding._path_name(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(sh)}
+  for name, spec in flat.items():
+    if "/mu/" in name:
+      assert flat["params/" + name.split("/mu/")[1]] == spec, name
+  # The FSDP default shards the largest divisible dimension of arrays >= fsdp_min_size.
+  tree = {"big": jax.ShapeDtypeStruct((3, 3, 64, 128), jnp.float32),
+          "small": jax.ShapeDtypeStruct((128,), jnp.float32),
+          "odd": jax.ShapeDtypeStruct((6, 5), jnp.float32)}
+  out = sharding.state_shardings(tree, mesh, rules=[("odd", ("fsdp", "tensor"))])
+  assert out["big"].spec == P(None, None, None, "fsdp")
+  assert out["small"].spec == P()
+  assert out["odd"].spec == P(None, None)  # 6 % 4 and 5 % 2: both axes dropped
+  bad = ml_collections.ConfigDict(dict(rules=(("x", ("model",)),)))
+  with pytest.raises(UserError, match=r"mesh\.rules\[0\].*'model'"):
+    sharding.partition_rules(bad)
+  with pytest.raises(UserError, match=r"config\.mesh .*needs 16 devices"):
+    sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=4, tensor=2)))
+  with pytest.raises(UserError, match=r"train\.batch_size=12"):
+    sharding.check_batch_size(12, mesh_of(1, 8))
+
+
+def _train_steps(config, mesh, n):
+  """n guarded steps (the loop's compiled program) on `mesh`; per-step metrics, final state."""
+  task = AutoencoderTask(config)
+  abstract = jax.eval_shape(task.init_state, jax.random.key(0))
+  shardings = sharding.state_shardings(abstract, mesh, *sharding.partition_rules(config.mesh))
+  state = loop.init_state(task, jax.random.key(0), shardings)
+  batch_abstract = loop.batch_spec(16, 32, 1, mesh)
+  # Compiled at backend optimisation level 0 (as the loop compiles init): 5x faster to compile
+  # on XLA:CPU; every mesh is compiled the same way. GAN-free: the adaptive GAN weight, a ratio
+  # of gradient norms, amplifies rounding differences.
+  step = loop.StepCompiler(task, abstract_like(abstract, shardings), shardings, batch_abstract,
+                           mesh, compiler_options=platform.run_once_compiler_options())(False)
+  rng = np.random.default_rng(0)
+  history = []
+  for _ in range(n):
+    batch = sharding.put_batch(random_batch(rng), sharding.batch_sharding(mesh))
+    state, metrics, ok = step(state, batch, sharding.replicate(jax.random.key(1), mesh))
+    assert bool(ok)
+    history.append({k: float(v) for k, v in metrics.compute().items()})
+  return state, history
+
+
+def test_meshes_give_the_same_losses_as_one_device():
+  config = tiny_config()
+  s1, h1 = _train_steps(config, mesh_of(1, 1), 5)
+  for axes in ((8, 1, 1), (2, 4, 1), (1, 8, 1)):
+    s8, h8 = _train_steps(config, mesh_of(*axes), 5)
+    if axes[1] > 1:
+      assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(s8.params))
+    for a, b in zip(h1, h8):
+      for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (axes, k)
+    paths = jax.tree_util.tree_leaves_with_path(s1.params)
+    for (path, a), b in zip(paths, jax.tree.leaves(s8.params)):
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5,
+                                 atol=0.05 * config.optim.lr,
+                                 err_msg=f"{axes} {jax.tree_util.keystr(path)}")
+
+
+def _stream(nan_steps=()):
+  def batches(start):
+    for step in range(start, 10 ** 6):
+      b = random_batch(np.random.default_rng(step))
+      if step in nan_steps:
+        b["image"][0, 0, 0, 0] = np.nan
+      yield b
+  return batches
+
+
+def _stage(config, workdir, mesh, batches):
+  task = AutoencoderTask(config)
+  return loop.train_stage(task, train_cfg=config.train, seed=0, image_shape=(32, 1),
+                          stage_dir=str(workdir), mesh=mesh, batches=batches)
+
+
+def _restore(config, workdir, mesh, step=None):
+  task = AutoencoderTask(config)
+  abstract = jax.eval_shape(task.init_state, jax.random.key(0))
+  sh = sharding.state_shardings(abstract, mesh, *sharding.partition_rules(config.mesh))
+  ckpt = Checkpointer(str(workdir / "checkpoints"), async_save=False)
+  try:
+    return ckpt.restore(abstract_like(abstract, sh), step)[0]
+  finally:
+    ckpt.close()
+
+
+def _assert_same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_nonfinite_guard_then_elastic_restore(tmp_path):
+  mesh8 = mesh_of(8, 1)
+  # 'stop': the run ends naming the step; no checkpoint of that step or later is written.
+  config = tiny_config(num_steps=4, nonfinite="stop")
+  with pytest.raises(FloatingPointError, match="at step 3"):
+    _stage(config, tmp_path / "stop", mesh8, _stream(nan_steps={2}))
+  ckpt = Checkpointer(str(tmp_path / "stop" / "checkpoints"))
+  assert list(ckpt.all_steps()) == [2]
+  ckpt.close()
+  # 'skip': the update of the bad step is not applied, the run goes on, checkpoints are finite.
+  config = tiny_config(num_steps=4, nonfinite="skip", checkpoint_every=1, keep_checkpoints=5)
+  state, _ = _stage(config, tmp_path / "skip", mesh8, _stream(nan_steps={2}))
+  saved2 = _restore(config, tmp_path / "skip", mesh8, 2)
+  saved3 = _restore(config, tmp_path / "skip", mesh8, 3)
+  _assert_same(saved3.params, saved2.params)
+  _assert_same(saved3.opt_state, saved2.opt_state)
+  assert int(saved3.step) == 3 and int(state.step) == 4
+  _assert_same(_restore(config, tmp_path / "stop", mesh8, 2).params, saved2.params)
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+  with pytest.raises(UserError, match=r"train\.nonfinite='ignore'"):
+    _stage(tiny_config(nonfinite="ignore"), tmp_path / "bad", mesh8, _stream())
+
+  # Elastic restore: the step-4 checkpoint (written on data=8) onto other meshes.
+  for axes in ((1, 4, 2), (1, 1, 1), (2, 2, 1)):
+    mesh = mesh_of(*axes)
+    restored = _restore(config, tmp_path / "skip", mesh)
+    _assert_same(restored.params, state.params)
+    _assert_same(restored.opt_state, state.opt_state)
+    if axes == (1, 4, 2):
+      assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(restored.params))
+  # ... and training continues there (data=2 x fsdp=2, 4 devices).
+  config.train.num_steps = 6
+  cont, last = _stage(config, tmp_path / "skip", mesh_of(2, 2), _stream(nan_steps={2}))
+  assert int(cont.step) == 6 and np.isfinite(last["loss"])
