@@ -35,9 +35,8 @@ def _norm(sd, name):
 
 def _expected_keys(num_layers: int) -> set:
   keys = {PREFIX + "embeddings.token_embedding.weight",
-          PREFIX + "embeddings.position_embedding.weight"}
-  for part in ("final_layer_norm",):
-    keys |= {f"{PREFIX}{part}.weight", f"{PREFIX}{part}.bias"}
+          PREFIX + "embeddings.position_embedding.weight",
+          PREFIX + "final_layer_norm.weight", PREFIX + "final_layer_norm.bias"}
   for i in range(num_layers):
     base = f"{PREFIX}encoder.layers.{i}."
     for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
