@@ -34,10 +34,10 @@ step = StepCompiler(task, abstract_like(abst, sh), sh, batch_spec(b, s, ch, mesh
 batch = sharding.put_batch({{'image': np.random.uniform(-1, 1, (b, s, s, ch)).astype(np.float32),
                             'label': np.zeros(b, np.int32)}}, sharding.batch_sharding(mesh))
 rng = jax.random.key(0)
-state, _ = step(state, batch, rng); jax.block_until_ready(state)
+state, *_ = step(state, batch, rng); jax.block_until_ready(state)
 t = time.perf_counter()
 for _ in range({steps}):
-  state, _ = step(state, batch, rng)
+  state, *_ = step(state, batch, rng)
 jax.block_until_ready(state)
 dt = (time.perf_counter() - t) / {steps}
 print(json.dumps({{'gflop': step.cost_analysis()['flops'] / 1e9, 'sec': dt}}))

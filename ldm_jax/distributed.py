@@ -130,3 +130,21 @@ def install_preemption_watch() -> PreemptionWatch:
 
 def installed_preemption_watch() -> Optional[PreemptionWatch]:
   return _INSTALLED
+
+
+_BARRIERS = iter(range(1 << 62))
+
+
+def barrier(name: str, timeout_s: int = 1800) -> None:
+  """Waits until every process gets here (no-op with one process).
+
+  A barrier of the coordination service's key-value store, not a device collective: XLA:CPU's
+  gloo gives up on a new communicator when its peers arrive more than 30 s apart, which
+  happens when one process compiles (or loads from the compilation cache) much faster than
+  another; the loop therefore meets here before its first step.
+  """
+  if not is_multiprocess():
+    return
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  client = jax_distributed.global_state.client
+  client.wait_at_barrier(f"ldm_jax_{name}_{next(_BARRIERS)}", timeout_in_ms=timeout_s * 1000)

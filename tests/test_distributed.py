@@ -184,3 +184,17 @@ def test_nonfinite_guard_then_elastic_restore(tmp_path):
   config.train.num_steps = 6
   cont, last = _stage(config, tmp_path / "skip", mesh_of(2, 2), _stream(nan_steps={2}))
   assert int(cont.step) == 6 and np.isfinite(last["loss"])
+
+
+def test_single_process_sigterm_sets_the_preemption_flag():
+  import os
+  import signal
+  from ldm_jax import distributed
+  before = signal.getsignal(signal.SIGTERM)
+  with distributed.PreemptionWatch() as watch:
+    assert not watch.reached(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert watch.reached(2)
+  assert signal.getsignal(signal.SIGTERM) is before
+  with pytest.raises(UserError, match="--process_id=2"):
+    distributed.initialize(coordinator_address="127.0.0.1:1", num_processes=2, process_id=2)

@@ -208,6 +208,8 @@ def train_stage(task, *, train_cfg, seed: int, image_shape: tuple[int, int], sta
   if own_watch:
     watch = distributed.PreemptionWatch()
   try:
+    compile_step(task.step_variant(start))
+    distributed.barrier(f"{task.name}_first_step")
     for step in range(start, num_steps):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = sharding.put_batch(next(stream), batch_sh)
