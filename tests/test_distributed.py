@@ -131,7 +131,8 @@ def _stream(nan_steps=()):
 def _stage(config, workdir, mesh, batches):
   task = AutoencoderTask(config)
   return loop.train_stage(task, train_cfg=config.train, seed=0, image_shape=(32, 1),
-                          stage_dir=str(workdir), mesh=mesh, batches=batches)
+                          stage_dir=str(workdir), mesh=mesh, batches=batches,
+                          compiler_options=platform.run_once_compiler_options())
 
 
 def _restore(config, workdir, mesh, step=None):

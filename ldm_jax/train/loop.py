@@ -145,13 +145,14 @@ def _save(ckpt: Checkpointer, step: int, state, meta: dict, finite_fn) -> None:
 def train_stage(task, *, train_cfg, seed: int, image_shape: tuple[int, int], stage_dir: str,
                 mesh, batches: Callable[[int], Iterator[dict]],
                 on_eval: Optional[EvalCallback] = None, meta: Optional[dict] = None,
-                train_key: str = "train") -> Any:
+                train_key: str = "train", compiler_options: Optional[dict] = None) -> Any:
   """Trains `task` to train_cfg.num_steps, resuming from stage_dir/checkpoints if present.
 
   `image_shape` is (image_size, channels) of the batches; `batches(start_step)` yields
   host-local numpy batches for steps start_step, start_step+1, ... (this process's rows);
   `meta` is extra JSON saved with every checkpoint; `train_key` is where train_cfg lives in
-  the config (for messages). Every process runs this in lockstep. Returns the final state (on
+  the config (for messages); `compiler_options` go to XLA for the step (tests use
+  platform.run_once_compiler_options() to compile faster). Every process runs this in lockstep. Returns the final state (on
   the mesh) and the last logged scalars ({} if none ran). Raises `Preempted` after saving
   when any process got SIGTERM, FloatingPointError on a non-finite step in 'stop' mode.
   """
@@ -190,7 +191,7 @@ def train_stage(task, *, train_cfg, seed: int, image_shape: tuple[int, int], sta
   batch_abstract = batch_spec(tc.batch_size, *image_shape, mesh, task.batch_keys())
   constants = sharding.replicate(task.step_constants(), mesh)
   compile_step = StepCompiler(task, abstract_like(abstract, shardings), shardings,
-                              batch_abstract, mesh, constants)
+                              batch_abstract, mesh, constants, compiler_options)
   finite_fn = jax.jit(all_finite, out_shardings=sharding.replicated(mesh))
   batch_sh = sharding.batch_sharding(mesh)
   step_rng = sharding.replicate(step_rng, mesh)
