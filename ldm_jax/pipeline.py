@@ -201,7 +201,7 @@ def scheduler_options(config: ml_collections.ConfigDict) -> dict:
 
 def _restore_params(directory: str, abstract: Any, step: Optional[int]):
   """{'params': ...} of a parameters-only checkpoint, onto the first device."""
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   ckpt = Checkpointer(directory, async_save=False)
   try:
     target = {"params": jax.tree.map(
@@ -260,9 +260,15 @@ class StepProgress:
   def __call__(self, t: int) -> None:
     self._start = self._start or self._time()
     self._i = self._i % self._n + 1
-    rate = (self._i - 1) / max(self._time() - self._start, 1e-9)
+    elapsed = self._time() - self._start
+    if self._i == 1 or elapsed <= 0:
+      speed = ""
+    else:  # s/it for slow models (a 512x512 SD step on a CPU), it/s otherwise, and the ETA
+      per_step = elapsed / (self._i - 1)
+      speed = (f"  {per_step:.1f} s/it" if per_step >= 1 else f"  {1 / per_step:.1f} it/s")
+      speed += f"  ETA {per_step * (self._n - self._i + 1):.0f} s"
     end = "\n" if self._i == self._n else ""
-    self._stream.write(f"\rsampling step {self._i}/{self._n} (t={t})  {rate:.1f} it/s{end}")
+    self._stream.write(f"\rsampling step {self._i}/{self._n} (t={t}){speed}{end}")
     self._stream.flush()
     if self._i == self._n:
       self._start = None

@@ -63,14 +63,16 @@ def estimate_latent_scale(autoencoder: AutoencoderKL, ae_params, batches, num_ba
   return 1.0 / std
 
 
-def _restore(task, directory: str, step: Optional[int]):
-  """Restores a task's train state from `directory` onto one device (for sampling)."""
+def _restore(task, directory: str, step: Optional[int], mesh=None):
+  """Restores a task's train state from `directory`, replicated on `mesh` (every process takes
+  part), or onto this process's first device when no mesh is given (for sampling)."""
   ckpt = Checkpointer(directory, async_save=False)
   if ckpt.latest_step() is None:
     raise UserError(f"no checkpoint in {directory}")
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = (sharding.replicated(mesh) if mesh is not None else
+            jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
   abstract = jax.eval_shape(task.init_state, jax.random.key(0))
-  state, meta = ckpt.restore(abstract_like(abstract, jax.tree.map(lambda _: device, abstract)),
+  state, meta = ckpt.restore(abstract_like(abstract, jax.tree.map(lambda _: target, abstract)),
                              step)
   ckpt.close()
   return state, meta
@@ -88,11 +90,11 @@ def autoencoder_source(config: ml_collections.ConfigDict, workdir: str):
     return ml_collections.ConfigDict(json.load(f)), pretrained
 
 
-def load_autoencoder(config, workdir):
+def load_autoencoder(config, workdir, mesh=None):
   """(AutoencoderTask, evaluation params) of the trained first stage."""
   ae_config, ae_workdir = autoencoder_source(config, workdir)
   task = AutoencoderTask(ae_config)
-  state, _ = _restore(task, os.path.join(ae_workdir, "autoencoder", "checkpoints"), None)
+  state, _ = _restore(task, os.path.join(ae_workdir, "autoencoder", "checkpoints"), None, mesh)
   return task, state.eval_params()
 
 
@@ -100,11 +102,11 @@ def run_ldm(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   """Stage 1 (unless done or pretrained), then stage 2; summaries into summary.json."""
   ldm = config.ldm
   if ldm.autoencoder_workdir:
-    ae_task, ae_params = load_autoencoder(config, workdir)
+    ae_task, ae_params = load_autoencoder(config, workdir, mesh)
   else:
     ae_task, ae_state = stage_autoencoder.run_autoencoder(config, workdir, mesh)
     ae_params = ae_state.eval_params()
-  ae_params = jax.device_put(ae_params, sharding.replicated(mesh))
+  ae_params = sharding.replicate(ae_params, mesh)
   autoencoder = ae_task.model
   f = autoencoder.downsample_factor
   size = config.data.image_size // f
