@@ -26,7 +26,7 @@ def write_sd15_folder(folder: str) -> None:
   import diffusers  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.join(ROOT, "tests"))
-  from test_parity_pipeline import write_tokenizer  # pylint: disable=g-import-not-at-top
+  from test_parity_pipeline import save_sd_folder, write_tokenizer  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   tok = write_tokenizer(os.path.join(folder, "_tok"))
   text = transformers.CLIPTextModel(transformers.CLIPTextConfig(  # SD 1.x: CLIP ViT-L/14
@@ -40,14 +40,7 @@ def write_sd15_folder(folder: str) -> None:
       in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
       block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
       up_block_types=("UpDecoderBlock2D",) * 4)
-  sched = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                  beta_schedule="scaled_linear", clip_sample=False,
-                                  set_alpha_to_one=False, steps_offset=1)
-  pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
-                                           scheduler=sched, safety_checker=None,
-                                           feature_extractor=None,
-                                           requires_safety_checker=False)
-  pipe.save_pretrained(folder, safe_serialization=True)
+  save_sd_folder(folder, os.path.join(folder, "_tok"), tok, text, unet, vae)
   shutil.rmtree(os.path.join(folder, "_tok"))
   n = sum(p.numel() for m in (unet, vae, text) for p in m.parameters())
   print(f"folder: {n / 1e6:.0f}M parameters (unet {unet.num_parameters() / 1e6:.0f}M)")

@@ -21,3 +21,14 @@ FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 def tfds_dir(tmp_path_factory):
   """One TFDS data dir per test session, so Fashion-MNIST is prepared at most once."""
   return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture
+def one_torch_thread():
+  """Tiny torch reference models: torch's thread pool only adds contention on a shared CPU
+  (up to 10x slower). Parity test files use it with pytest.mark.usefixtures."""
+  torch = pytest.importorskip("torch", exc_type=ImportError)
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)

@@ -34,6 +34,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "configs"))
 import autoencoder as ae_configs  # noqa: E402
 import ldm as ldm_configs  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TOL = 1e-4
 CTX = 6
 _jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})

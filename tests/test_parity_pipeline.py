@@ -16,13 +16,7 @@ from ldm_jax.convert.__main__ import main as convert_main  # noqa: E402
 from ldm_jax.errors import UserError  # noqa: E402
 from ldm_jax.pipeline import LatentDiffusionPipeline  # noqa: E402
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-  """Tiny models: torch's thread pool only adds contention on a shared CPU (10x slower)."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 WORDS = ("a", "photo", "of", "the", "cat", "dog", "and", "red", "blue", "car")
@@ -77,6 +71,13 @@ def tiny_sd(tmp_path):
       for name, p in model.named_parameters():
         if name.endswith("bias") or "norm" in name:
           p.add_(0.1 * torch.randn_like(p))
+  return save_sd_folder(str(tmp_path / "sd"), str(tmp_path / "tok"), tok, text, unet, vae)
+
+
+def save_sd_folder(folder, tok_dir, tok, text, unet, vae):
+  """A StableDiffusionPipeline with SD 1.x's DDIM scheduler saved as a diffusers folder, the
+  tokenizer as vocab.json + merges.txt (moved from `tok_dir`) as in SD's published folders.
+  Returns (pipeline, folder)."""
   sched = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                   beta_schedule="scaled_linear", clip_sample=False,
                                   set_alpha_to_one=False, steps_offset=1)
@@ -85,13 +86,12 @@ def tiny_sd(tmp_path):
                                            feature_extractor=None,
                                            requires_safety_checker=False)
   pipe.set_progress_bar_config(disable=True)
-  folder = str(tmp_path / "sd")
   pipe.save_pretrained(folder, safe_serialization=True)
-  # The tokenizer files as in SD's published folders (transformers 5 writes tokenizer.json).
-  tok_dir = os.path.join(folder, "tokenizer")
-  os.remove(os.path.join(tok_dir, "tokenizer.json"))
+  # transformers 5 writes tokenizer.json; SD's folders hold vocab.json + merges.txt.
+  out = os.path.join(folder, "tokenizer")
+  os.remove(os.path.join(out, "tokenizer.json"))
   for name in ("vocab.json", "merges.txt"):
-    os.replace(str(tmp_path / "tok" / name), os.path.join(tok_dir, name))
+    os.replace(os.path.join(tok_dir, name), os.path.join(out, name))
   return pipe, folder
 
 

@@ -14,13 +14,7 @@ from ldm_jax import diffusion as D
 torch = pytest.importorskip("torch", exc_type=ImportError)
 diffusers = pytest.importorskip("diffusers", exc_type=ImportError)
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-  """Tiny models: torch's thread pool only adds contention on a shared CPU (10x slower)."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 T = 1000
