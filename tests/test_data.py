@@ -175,6 +175,35 @@ def test_folder_source_root_images_and_errors(tmp_path):
     sources.folder_source(tmp_path / 'missing_dir')
 
 
+def test_folder_source_reads_caption_files(tmp_path):
+  _write_folder(tmp_path)
+  assert sources.folder_source(tmp_path).captions is None  # cat/notes.txt captions no image
+  assert 'caption' not in sources.folder_source(tmp_path)[0]
+  (tmp_path / 'dog' / 'b.txt').write_text('  a brown dog on grass\n', encoding='utf-8')
+  (tmp_path / 'cat' / 'x.txt').write_text('eine Katze \u00fcber dem Sofa', encoding='utf-8')
+  source = sources.folder_source(tmp_path)
+  # Sorted files x.jpeg, a.png, b.JPG; a.png has no caption file: '' (unconditional).
+  assert source.captions == ['eine Katze \u00fcber dem Sofa', '', 'a brown dog on grass']
+  assert source[2]['caption'] == 'a brown dog on grass' and source[2]['label'] == 1
+  stream = data.BatchStream(source, global_batch=3, image_size=4, channels=1, seed=0,
+                            captions=True)
+  batch = stream.get(0)
+  order = data.global_indices(0, 3, 3, 0)
+  assert batch['caption'].tolist() == [source.captions[i] for i in order]
+  assert next(stream.iterate(0))['caption'].tolist() == batch['caption'].tolist()
+  assert 'caption' not in data.BatchStream(source, global_batch=3, image_size=4, channels=1,
+                                           seed=0).get(0)
+  (tmp_path / 'dog' / 'a.txt').write_bytes(b'\xff\xfe\xfa not utf-8')
+  with pytest.raises(UserError, match=str(tmp_path / 'dog' / 'a.txt')):
+    sources.folder_source(tmp_path)
+  flat = tmp_path / 'flat'
+  flat.mkdir()
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(flat / 'only.png')
+  with pytest.raises(UserError, match='no captions'):
+    data.BatchStream(sources.folder_source(flat), global_batch=1, image_size=4, channels=1,
+                     seed=0, captions=True)
+
+
 def test_make_source(tmp_path):
   cfg = data.default_data_config()
   cfg.source = 'csv'

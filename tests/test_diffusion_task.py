@@ -10,7 +10,8 @@ from ldm_jax.data import CLASS_NAMES
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.conditioning import Tokenizer, fashion_mnist_captions
 from ldm_jax.train.diffusion import DiffusionTask, drop_condition
-from ldm_jax.train.stage_ldm import caption_vocabulary
+from ldm_jax.train.stage_ldm import (caption_vocabulary, sample_prompts, training_captions,
+                                     with_captions)
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "configs"))
 import ldm as ldm_configs  # noqa: E402
@@ -52,3 +53,27 @@ def test_text_conditioned_step_trains_the_text_encoder():
                        new.params["text"])
   assert max(jax.tree.leaves(moved)) > 0  # trained jointly with the UNet
   assert task.batch_keys()["tokens"][0] == (config.ldm.conditioning.max_length,)
+
+
+def test_caption_files_drive_the_tokenizer_and_the_batches():
+  class Captioned:  # a source with per-image captions, as a folder with caption files
+    captions = ["a red bird", "", "a red car on a road"]
+  captions = training_captions(Captioned(), [])
+  tok = Tokenizer.from_captions(captions)
+  assert {"bird", "car", "road"} <= set(tok.vocab)
+  assert sample_prompts(captions, 5) == ["a red bird", "a red car on a road"] * 2 + [
+      "a red bird"]
+  batch = {"image": np.zeros((2, 4, 4, 1), np.float32), "label": np.zeros(2, np.int32),
+           "caption": np.asarray(["a red car on a road", ""], dtype=object)}
+  out = next(with_captions(lambda start: iter([batch]), tok, [], 6, seed=0)(0))
+  assert "caption" not in out  # strings never reach the device
+  ids, mask = tok.encode(["a red car on a road", ""], 6)
+  np.testing.assert_array_equal(out["tokens"], ids)
+  np.testing.assert_array_equal(out["token_mask"], mask)
+  # Without caption files: templates over the class names, the same for the same step.
+  assert training_captions(object(), CLASS_NAMES) == caption_vocabulary(CLASS_NAMES)
+  plain = {k: v for k, v in batch.items() if k != "caption"}
+  fm_tok = Tokenizer.from_captions(caption_vocabulary(CLASS_NAMES))
+  a = next(with_captions(lambda start: iter([plain]), fm_tok, CLASS_NAMES, 8, seed=0)(3))
+  b = next(with_captions(lambda start: iter([plain]), fm_tok, CLASS_NAMES, 8, seed=0)(3))
+  np.testing.assert_array_equal(a["tokens"], b["tokens"])

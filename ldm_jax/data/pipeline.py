@@ -172,17 +172,21 @@ class BatchStream:
 
   Process p of `process_count` gets rows [p * B, (p + 1) * B) of each global batch, B =
   global_batch // process_count. Augmentation for the example at global stream position s uses
-  `np.random.default_rng([seed, 1, s])`, so images do not depend on the process count.
+  `np.random.default_rng([seed, 1, s])`, so images do not depend on the process count. With
+  `captions`, batches also hold 'caption': object [B] of the source's per-image captions.
   """
 
   def __init__(self, source: Sequence[dict[str, Any]], *, global_batch: int, image_size: int,
                channels: int, seed: int, random_crop: bool = False, random_flip: bool = False,
                process_index: int = 0, process_count: int = 1, num_threads: int = 4,
-               prefetch: int = 2):
+               prefetch: int = 2, captions: bool = False):
     if not 0 <= process_index < process_count:
       raise ValueError(f'process_index={process_index} not in [0, {process_count})')
     if seed < 0:
       raise UserError(f'seed={seed} must be non-negative')
+    if captions and getattr(source, 'captions', None) is None:
+      raise UserError(f'{source!r} has no captions (a folder needs <image>.txt caption files)')
+    self.captions = captions
     self.source = source
     self.global_batch = global_batch
     self.local_batch = _local_batch(global_batch, process_count)
@@ -206,14 +210,18 @@ class BatchStream:
     return indices, positions
 
   def _decode(self, indices: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
-    images, labels = [], []
+    images, labels, captions = [], [], []
     augment = self.random_crop or self.random_flip
     for example, position in zip(_read(self.source, indices), positions):
       rng = np.random.default_rng([self.seed, 1, int(position)]) if augment else None
       images.append(preprocess(example['image'], self.image_size, self.channels,
                                self.random_crop, self.random_flip, rng))
       labels.append(example['label'])
-    return {'image': np.stack(images), 'label': np.asarray(labels, np.int32)}
+      captions.append(example.get('caption', ''))
+    batch = {'image': np.stack(images), 'label': np.asarray(labels, np.int32)}
+    if self.captions:
+      batch['caption'] = np.asarray(captions, dtype=object)
+    return batch
 
   def get(self, step: int) -> dict[str, np.ndarray]:
     """This process's part of global batch `step`: image f32 [B, H, W, C], label i32 [B]."""

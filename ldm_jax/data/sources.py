@@ -2,7 +2,9 @@
 
 Every source is a sequence of examples: `len(source)`, `source[i] -> {'image': uint8 [H, W, C],
 'label': int}`, plus `num_classes` (0 when unlabeled), `class_names` and `name`. Decoding happens
-in `__getitem__`, so a source is cheap to build and can be read from several threads.
+in `__getitem__`, so a source is cheap to build and can be read from several threads. A source
+with per-image captions (a folder with caption files) also has `captions` (one str per record)
+and adds `'caption': str` to each example; other sources have `captions = None`.
 """
 import operator
 import os
@@ -40,6 +42,7 @@ class TfdsSource:
     """Wraps `builder`'s `split`; `label_key=''` means unlabeled (label 0, num_classes 0)."""
     self.name = builder.name
     self.split = split
+    self.captions = None
     self.image_key = image_key
     self.label_key = label_key
     where = f'dataset {builder.name} in data_dir {builder.data_dir_root}'
@@ -147,6 +150,11 @@ class FolderSource:
   A folder without sub-folders is one unlabeled set (label 0, num_classes 0). Files are found
   recursively inside each class folder; hidden files and folders are ignored; the order is
   sorted, so it is the same on every host.
+
+  Captions: a text file beside an image with the same stem (`cat/001.jpg` -> `cat/001.txt`,
+  UTF-8, surrounding whitespace stripped) is that image's caption. When any image has one,
+  `captions` lists them all, '' for images without a file (those train the unconditional model,
+  like condition dropout); otherwise `captions` is None.
   """
 
   def __init__(self, path: str | os.PathLike):
@@ -172,6 +180,10 @@ class FolderSource:
     self.num_classes = len(self.class_names)
     if not self.files:
       raise UserError(f'data.folder {self.path} holds no {"/".join(IMAGE_EXTENSIONS)} images')
+    caption_files = [f.with_suffix('.txt') for f in self.files]
+    self.captions = None
+    if any(c.is_file() for c in caption_files):
+      self.captions = [read_caption(c) if c.is_file() else '' for c in caption_files]
 
   def __len__(self) -> int:
     return len(self.files)
@@ -180,7 +192,10 @@ class FolderSource:
     index = operator.index(index)
     if not 0 <= index < len(self.files):
       raise IndexError(f'index {index} out of range for {len(self.files)} files')
-    return {'image': load_image(self.files[index]), 'label': self.labels[index]}
+    example = {'image': load_image(self.files[index]), 'label': self.labels[index]}
+    if self.captions is not None:
+      example['caption'] = self.captions[index]
+    return example
 
   def __repr__(self) -> str:
     return f'FolderSource({self.path}, files={len(self)}, classes={self.num_classes})'
@@ -206,6 +221,14 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
   except (OSError, ValueError, Image.DecompressionBombError) as e:
     raise UserError(f'Cannot decode image {path}: {e}') from e
   return _as_hwc_uint8(image, os.fspath(path))
+
+
+def read_caption(path: pathlib.Path) -> str:
+  """The stripped UTF-8 text of a caption file."""
+  try:
+    return path.read_text(encoding='utf-8').strip()
+  except (OSError, UnicodeDecodeError) as e:
+    raise UserError(f'Cannot read caption file {path}: {e}') from e
 
 
 def folder_source(path: str | os.PathLike) -> FolderSource:

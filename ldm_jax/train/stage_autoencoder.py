@@ -15,13 +15,14 @@ from ldm_jax.train.loop import train_stage
 from ldm_jax.train.writers import read_summary, update_summary
 
 
-def train_batches(config, source, batch_size=None):
+def train_batches(config, source, batch_size=None, captions=False):
   d = config.data
   stream = data_lib.BatchStream(
       source, global_batch=batch_size or config.train.batch_size, image_size=d.image_size,
       channels=d.channels, seed=config.seed, random_crop=d.random_crop,
       random_flip=d.random_flip, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_threads=d.num_threads, prefetch=d.prefetch)
+      process_count=jax.process_count(), num_threads=d.num_threads, prefetch=d.prefetch,
+      captions=captions)
   return stream.iterate
 
 

@@ -31,14 +31,33 @@ def caption_vocabulary(class_names) -> list[str]:
           for a in ("a", "an")]
 
 
+def training_captions(source, class_names) -> list[str]:
+  """The captions the text encoder trains on: the source's own (caption files beside a
+  folder's images), else every caption made from the class names."""
+  if getattr(source, "captions", None) is not None:
+    return list(source.captions)
+  return caption_vocabulary(class_names)
+
+
+def sample_prompts(captions: list[str], num_samples: int) -> list[str]:
+  """`num_samples` prompts for the periodic sample grids: the distinct non-empty training
+  captions in order, repeated to fill the grid."""
+  distinct = list(dict.fromkeys(c for c in captions if c)) or [""]
+  return (distinct * num_samples)[:num_samples]
+
+
 def with_captions(batches, tokenizer: Tokenizer, class_names, max_length: int, seed: int):
-  """Adds caption tokens to each batch: a random template per example, seeded by the step, so
-  a resumed run sees the same captions."""
+  """Adds caption tokens to each batch. A batch with its own 'caption' strings (from caption
+  files) is tokenized as it is; otherwise each example gets a random template with its class
+  name, seeded by the step, so a resumed run sees the same captions."""
   def iterate(start_step):
     for step, batch in enumerate(batches(start_step), start_step):
-      rng = np.random.default_rng([seed, 2, step])
-      ids, mask = tokenizer.encode(fashion_mnist_captions(batch["label"], class_names, rng),
-                                   max_length)
+      batch = dict(batch)
+      captions = batch.pop("caption", None)
+      if captions is None:
+        rng = np.random.default_rng([seed, 2, step])
+        captions = fashion_mnist_captions(batch["label"], class_names, rng)
+      ids, mask = tokenizer.encode(list(captions), max_length)
       yield {**batch, "tokens": ids, "token_mask": mask}
   return iterate
 
@@ -116,16 +135,19 @@ def run_ldm(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   class_names = list(train_source.class_names)
   stage_dir = os.path.join(workdir, "ldm")
   ckpt_dir = os.path.join(stage_dir, "checkpoints")
-  batches = stage_autoencoder.train_batches(config, train_source, ldm.train.batch_size)
+  text = ldm.conditioning.kind == "text"
+  captions = training_captions(train_source, class_names) if text else []
+  batches = stage_autoencoder.train_batches(
+      config, train_source, ldm.train.batch_size,
+      captions=text and train_source.captions is not None)
 
   resumed = Checkpointer(ckpt_dir, async_save=False)
   meta = resumed.restore_meta() if resumed.latest_step() is not None else None
   resumed.close()
   tokenizer = None
-  if ldm.conditioning.kind == "text":
+  if text:
     tokenizer = (Tokenizer.from_json(meta["tokenizer"]) if meta else
-                 Tokenizer.from_captions(caption_vocabulary(class_names),
-                                         ldm.conditioning.max_vocab))
+                 Tokenizer.from_captions(captions, ldm.conditioning.max_vocab))
     batches = with_captions(batches, tokenizer, class_names, ldm.conditioning.max_length,
                             config.seed)
   if meta:
@@ -155,10 +177,7 @@ def run_ldm(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
         latent_scale=scale, parameterization=ldm.diffusion.parameterization,
         class_names=class_names)
     s = ldm.sample
-    prompt = None
-    if ldm.conditioning.kind == "text":
-      prompt = caption_vocabulary(class_names)[:s.num_samples]
-      prompt = (prompt * s.num_samples)[:s.num_samples]
+    prompt = sample_prompts(captions, s.num_samples) if text else None
     images = pipe.sample(s.num_samples, sampler=s.sampler, steps=s.steps, guidance=s.guidance,
                          eta=s.eta, seed=config.seed, prompt=prompt)
     grid = image_io.make_grid(images, ncols=int(np.ceil(np.sqrt(s.num_samples))))
