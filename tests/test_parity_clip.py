@@ -51,6 +51,7 @@ def test_hidden_states_match_transformers(index):
   ids = rng.integers(0, cfg["vocab_size"], (3, length)).astype(np.int64)
   mask = np.ones_like(ids)
   mask[1, length // 2:] = 0  # a padded row (the first token is always kept)
+  errs = []
   for m in (None, mask):
     with torch.no_grad():
       ref = model(torch.from_numpy(ids),
@@ -60,6 +61,8 @@ def test_hidden_states_match_transformers(index):
     keep = np.ones(ids.shape, bool) if m is None else m.astype(bool)
     rel = np.abs(np.asarray(ours) - ref)[keep].max() / np.abs(ref).max()
     assert rel <= 1e-4, (index, m is not None, rel)
+    errs.append(float(rel))
+  print(f"max relative error without/with padding mask {errs}")
   # Shorter sequences use the first positions.
   short = ids[:, :5].astype(np.int32)
   with torch.no_grad():
