@@ -41,7 +41,7 @@ def ldm_block() -> ml_collections.ConfigDict:
       latent_scale=0.0,        # 0 = estimate from data before training (then stored)
       scale_batches=8))
   c.optim = ml_collections.ConfigDict(dict(
-      lr=1e-3, warmup_steps=100, weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=1.0,
+      lr=1e-3, warmup_steps=100, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
       decay="cosine", ema_decay=0.999))
   c.train = ml_collections.ConfigDict(dict(
       batch_size=64, num_steps=2000, compute_dtype="float32", log_every=50,

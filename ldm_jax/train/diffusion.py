@@ -172,7 +172,8 @@ class DiffusionTask:
     o = ldm.optim
     chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
     chain.append(optax.adamw(adam_schedule(o.lr, o.warmup_steps, ldm.train.num_steps, o.decay),
-                             b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+                             b1=o.b1, b2=o.b2, eps=o.get("eps", 1e-8),
+                             weight_decay=o.weight_decay))
     self.tx = optax.chain(*chain)
 
   def init_state(self, rng) -> TrainState:
