@@ -79,23 +79,29 @@ def test_partition_rules_shard_state_and_follow_params():
     sharding.check_batch_size(12, mesh_of(1, 8))
 
 
-def _train_steps(config, mesh, n):
-  """n guarded steps (the loop's compiled program) on `mesh`; per-step metrics, final state."""
-  task = AutoencoderTask(config)
+def _train_steps(task, mesh, n, make_batch=random_batch):
+  """n guarded steps (the loop's compiled program, GAN-free for the autoencoder) of `task` on
+  `mesh`, batches `make_batch(rng)`; per-step metrics and the final state."""
   abstract = jax.eval_shape(task.init_state, jax.random.key(0))
-  shardings = sharding.state_shardings(abstract, mesh, *sharding.partition_rules(config.mesh))
+  shardings = sharding.state_shardings(abstract, mesh,
+                                       *sharding.partition_rules(task.config.mesh))
   state = loop.init_state(task, jax.random.key(0), shardings)
-  batch_abstract = loop.batch_spec(16, 32, 1, mesh)
+  batch_abstract = loop.batch_spec(16, 32, 1, mesh, task.batch_keys())
   # Compiled at backend optimisation level 0 (as the loop compiles init): 5x faster to compile
-  # on XLA:CPU; every mesh is compiled the same way. GAN-free: the adaptive GAN weight, a ratio
-  # of gradient norms, amplifies rounding differences.
+  # on XLA:CPU; every mesh is compiled the same way. The step-0 program: GAN-free for the
+  # autoencoder (disc_start > 0 in tiny_config), whose adaptive GAN weight, a ratio of
+  # gradient norms, amplifies rounding differences.
   step = loop.StepCompiler(task, abstract_like(abstract, shardings), shardings, batch_abstract,
-                           mesh, compiler_options=platform.run_once_compiler_options())(False)
+                           mesh, constants=task.step_constants(),
+                           compiler_options=platform.run_once_compiler_options())(
+                               task.step_variant(0))
+  constants = [sharding.replicate(c, mesh) for c in task.step_constants()]
   rng = np.random.default_rng(0)
   history = []
   for _ in range(n):
-    batch = sharding.put_batch(random_batch(rng), sharding.batch_sharding(mesh))
-    state, metrics, ok = step(state, batch, sharding.replicate(jax.random.key(1), mesh))
+    batch = sharding.put_batch(make_batch(rng), sharding.batch_sharding(mesh))
+    state, metrics, ok = step(state, batch, sharding.replicate(jax.random.key(1), mesh),
+                              *constants)
     assert bool(ok)
     history.append({k: float(v) for k, v in metrics.compute().items()})
   return state, history
@@ -103,9 +109,10 @@ def _train_steps(config, mesh, n):
 
 def test_meshes_give_the_same_losses_as_one_device():
   config = tiny_config()
-  s1, h1 = _train_steps(config, mesh_of(1, 1), 5)
+  task = AutoencoderTask(config)
+  s1, h1 = _train_steps(task, mesh_of(1, 1), 5)
   for axes in ((8, 1, 1), (2, 4, 1), (1, 8, 1)):
-    s8, h8 = _train_steps(config, mesh_of(*axes), 5)
+    s8, h8 = _train_steps(task, mesh_of(*axes), 5)
     if axes[1] > 1:
       assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(s8.params))
     for a, b in zip(h1, h8):
@@ -224,30 +231,16 @@ def test_stage2_meshes_give_the_same_losses_as_one_device():
   tok = Tokenizer.from_captions(caption_vocabulary(CLASS_NAMES))
   task = DiffusionTask(config, ae, (8, 8, 4), 1.0, 10, tok, ae_params=ae_params)
   length = config.ldm.conditioning.max_length
-  abstract = jax.eval_shape(task.init_state, jax.random.key(0))
 
-  def run(mesh, n=3):
-    sh = sharding.state_shardings(abstract, mesh, *sharding.partition_rules(config.mesh))
-    state = loop.init_state(task, jax.random.key(0), sh)
-    batch_abstract = loop.batch_spec(16, 32, 1, mesh, task.batch_keys())
-    step = loop.StepCompiler(task, abstract_like(abstract, sh), sh, batch_abstract, mesh,
-                             constants=task.step_constants(),
-                             compiler_options=platform.run_once_compiler_options())(None)
-    consts = sharding.replicate(ae_params, mesh)
-    rng, history = np.random.default_rng(0), []
-    for _ in range(n):
-      b = random_batch(rng)
-      b["label"] = rng.integers(0, 10, 16).astype(np.int32)
-      b["tokens"], b["token_mask"] = tok.encode(fashion_mnist_captions(b["label"], CLASS_NAMES,
-                                                                       rng), length)
-      b = sharding.put_batch(b, sharding.batch_sharding(mesh))
-      state, metrics, ok = step(state, b, sharding.replicate(jax.random.key(1), mesh), consts)
-      assert bool(ok)
-      history.append({k: float(v) for k, v in metrics.compute().items()})
-    return state, history
+  def captioned_batch(rng):
+    b = random_batch(rng)
+    b["label"] = rng.integers(0, 10, 16).astype(np.int32)
+    b["tokens"], b["token_mask"] = tok.encode(
+        fashion_mnist_captions(b["label"], CLASS_NAMES, rng), length)
+    return b
 
-  s1, h1 = run(mesh_of(1, 1))
-  s8, h8 = run(mesh_of(2, 2, 2))
+  s1, h1 = _train_steps(task, mesh_of(1, 1), 3, captioned_batch)
+  s8, h8 = _train_steps(task, mesh_of(2, 2, 2), 3, captioned_batch)
   specs = {x.sharding.spec for x in jax.tree.leaves(s8.params)}
   assert any("tensor" in spec for spec in specs) and any("fsdp" in spec for spec in specs)
   for a, b in zip(h1, h8):

@@ -60,9 +60,10 @@ def _train_cmd(workdir, *overrides):
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tfds_dir, tmp_path):
+  steps = 24
   overrides = [f"--config.data.data_dir={tfds_dir}", "--config.autoencoder.ch=8",
                "--config.autoencoder.num_groups=8", "--config.discriminator.ndf=8",
-               "--config.train.num_steps=24", "--config.train.log_every=1",
+               f"--config.train.num_steps={steps}", "--config.train.log_every=1",
                "--config.train.checkpoint_every=8", "--config.train.eval_every=1000",
                "--config.train.eval_max_examples=64", "--config.train.num_eval_images=4",
                "--config.loss.disc_start=6", "--config.train.async_checkpoint=false"]
@@ -78,7 +79,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tfds_dir, tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   resumed_from = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
-  assert resumed_from < 24, "the run finished before it could be killed"
+  assert resumed_from < steps, "the run finished before it could be killed"
   done = subprocess.run(_train_cmd(killed, *overrides), capture_output=True, text=True)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "resumed from" in done.stderr
@@ -94,9 +95,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tfds_dir, tmp_path):
         by_step[row["step"]] = row  # the restarted run's rows replace the killed run's
     return by_step
   a, b = losses(killed), losses(straight)
-  assert sorted(b) == list(range(1, 25))
-  assert set(range(resumed_from + 1, 25)) <= set(a)
-  for step in range(resumed_from + 1, 25):
+  assert sorted(b) == list(range(1, steps + 1))
+  assert set(range(resumed_from + 1, steps + 1)) <= set(a)
+  for step in range(resumed_from + 1, steps + 1):
     for key in ("loss", "rec_loss", "kl", "disc_loss"):
       if key in b[step]:
         assert a[step][key] == b[step][key], (step, key)

@@ -217,7 +217,8 @@ class BatchStream:
       images.append(preprocess(example['image'], self.image_size, self.channels,
                                self.random_crop, self.random_flip, rng))
       labels.append(example['label'])
-      captions.append(example.get('caption', ''))
+      if self.captions:
+        captions.append(example['caption'])
     batch = {'image': np.stack(images), 'label': np.asarray(labels, np.int32)}
     if self.captions:
       batch['caption'] = np.asarray(captions, dtype=object)

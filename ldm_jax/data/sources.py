@@ -181,9 +181,10 @@ class FolderSource:
     if not self.files:
       raise UserError(f'data.folder {self.path} holds no {"/".join(IMAGE_EXTENSIONS)} images')
     caption_files = [f.with_suffix('.txt') for f in self.files]
+    present = [c.is_file() for c in caption_files]
     self.captions = None
-    if any(c.is_file() for c in caption_files):
-      self.captions = [read_caption(c) if c.is_file() else '' for c in caption_files]
+    if any(present):
+      self.captions = [read_caption(c) if ok else '' for c, ok in zip(caption_files, present)]
 
   def __len__(self) -> int:
     return len(self.files)
