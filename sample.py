@@ -1,8 +1,11 @@
-"""Sample from a trained LDM workdir:
+"""Sample from a trained workdir (LDM, pixel-space model or cascade):
 
   python sample.py --workdir=runs/ldm --num_samples=64 --sampler=ddim --steps=50 \
       --guidance=3.0 --seed=0 --out=grid.png
   python sample.py --workdir=runs/ldm --label=7 --trajectory --out=traj.png
+  python sample.py --workdir=runs/cascade --num_samples=64 --steps=50 --guidance=3 --out=c.png
+      (a cascade samples through all its stages; --aug_level sets the super-resolution
+      stages' conditioning augmentation)
   python sample.py --workdir=runs/sd15 --prompt "an astronaut riding a horse" --guidance=7.5
       (a workdir converted by `python -m ldm_jax.convert`, see docs/STABLE_DIFFUSION.md)
 """
@@ -14,7 +17,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A trained LDM workdir (train.py --config=configs/ldm.py).")
+flags.DEFINE_string("workdir", None, "A trained workdir: LDM, pixel-space model or cascade "
+                    "(train.py --config=configs/{ldm,pixel,cascade}.py), or a converted one.")
 flags.DEFINE_integer("num_samples", 16, "Number of images.")
 flags.DEFINE_enum("sampler", "ddim", ["ddpm", "ddim", "dpmpp_2m"], "Reverse-process sampler.")
 flags.DEFINE_integer("steps", 50, "Sampler steps.")
@@ -30,6 +34,9 @@ flags.DEFINE_enum("timestep_spacing", None, ["leading", "linspace", "trailing"],
                   "sampler's own default).")
 flags.DEFINE_integer("steps_offset", None, "Offset added to 'leading' timesteps (default: the "
                      "workdir's scheduler settings).")
+flags.DEFINE_float("aug_level", None, "Cascades: noise level of each super-resolution stage's "
+                   "low-resolution input, a fraction of the timesteps in [0, 1) (default: the "
+                   "stage's lowres.sample_aug_level).")
 flags.DEFINE_string("out", "samples.png", "Output PNG file.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -49,7 +56,7 @@ def main(argv):
         pipe, FLAGS.num_samples, sampler=FLAGS.sampler, steps=FLAGS.steps,
         guidance=FLAGS.guidance, eta=FLAGS.eta, seed=FLAGS.seed, labels=FLAGS.label,
         prompt=FLAGS.prompt, timestep_spacing=FLAGS.timestep_spacing,
-        steps_offset=FLAGS.steps_offset,
+        steps_offset=FLAGS.steps_offset, aug_level=FLAGS.aug_level,
         trajectory_frames=FLAGS.trajectory_frames if FLAGS.trajectory else 0,
         progress=StepProgress(FLAGS.steps))
     save_png(FLAGS.out, grid)

@@ -43,9 +43,14 @@ def base_config() -> ml_collections.ConfigDict:
   # elements) and, for attention and MLP kernels, over tensor (ldm_jax/sharding.py). `rules`:
   # extra (regex on the leaf path, per-dimension axes) pairs tried before the built-in ones,
   # e.g. ((r"conv_out/kernel$", (None, None, "fsdp", None)),). Used by both stages.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, fsdp_min_size=2 ** 14,
-                                          rules=()))
+  c.mesh = mesh_block()
+  c.stages = ("autoencoder",)
   return c
+
+
+def mesh_block() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, fsdp_min_size=2 ** 14,
+                                        rules=()))
 
 
 def _imagenet(c: ml_collections.ConfigDict) -> None:

@@ -1,5 +1,6 @@
 """Latent diffusion configs: stage 1 (the autoencoder blocks of configs/autoencoder.py), then
-stage 2 (`config.ldm`). Presets: `configs/ldm.py:<preset>`.
+stage 2 (`config.ldm`, a diffusion stage block with codec 'latent'; the same block shape as
+configs/pixel.py and configs/cascade.py). Presets: `configs/ldm.py:<preset>`.
 
   default     Fashion-MNIST, class-conditional, both stages on 2 CPU cores (<= 60 min)
   smoke       both stages end to end in about two minutes
@@ -13,43 +14,15 @@ import sys
 
 import ml_collections
 
+from ldm_jax.config_schema import diffusion_stage
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import autoencoder as autoencoder_configs  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def ldm_block() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  # A trained autoencoder workdir to use instead of training stage 1 here ('' = train it).
-  c.autoencoder_workdir = ""
-  c.unet = ml_collections.ConfigDict(dict(
-      model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2),
-      num_heads=4, num_head_channels=32, dropout=0.0, scale_shift_norm=True,
-      use_transformer=False, transformer_depth=1, num_groups=32, remat=False,
-      # Reference-layout options (ldm_jax.convert sets them for LDM / diffusers weights):
-      # GroupNorm eps, (1, 1)-padded downsampling, timestep embedding layout, middle
-      # attention, per-level heads / transformer depth (() = num_heads / transformer_depth),
-      # cross-attention width (0 = conditioning.text_width).
-      norm_eps=1e-6, symmetric_downsample=False, flip_sin_to_cos=True, freq_shift=0.0,
-      mid_attention=True, level_heads=(), level_transformer_depth=(), context_dim=0))
-  c.conditioning = ml_collections.ConfigDict(dict(
-      kind="class",            # 'class', 'text' or 'none'
-      drop_prob=0.1,           # condition dropout for classifier-free guidance
-      text_width=128, text_depth=2, text_heads=4, max_length=12, max_vocab=1000))
-  c.diffusion = ml_collections.ConfigDict(dict(
-      schedule="scaled_linear", num_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-      zero_terminal_snr=False, parameterization="eps", min_snr_gamma=0.0,
-      latent_scale=0.0,        # 0 = estimate from data before training (then stored)
-      scale_batches=8))
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=1e-3, warmup_steps=100, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
-      decay="cosine", ema_decay=0.999))
-  c.train = ml_collections.ConfigDict(dict(
-      batch_size=64, num_steps=2000, compute_dtype="float32", log_every=50,
-      eval_every=1000, checkpoint_every=1000, keep_checkpoints=2, async_checkpoint=True,
-      progress_every_secs=30.0, profile=False, nonfinite="stop"))
-  c.sample = ml_collections.ConfigDict(dict(
-      sampler="ddim", steps=50, guidance=3.0, eta=0.0, num_samples=64))
-  return c
+  """Stage 2: a diffusion stage (ldm_jax/config_schema.py) in the autoencoder's latent space."""
+  return diffusion_stage()
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
@@ -65,6 +38,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   else:
     raise ValueError(f"unknown preset {preset!r} for configs/ldm.py "
                      "(default, smoke, text, cin256, txt2img_f8)")
+  c.stages = ("autoencoder", "ldm")
   c.ldm = ldm_block()
   if preset == "text":
     c.ldm.conditioning.kind = "text"

@@ -64,6 +64,50 @@ class Checkpointer:
     self._manager.close()
 
 
+def restore_eval_params(directory: str, step: Optional[int] = None,
+                        ema_key: Optional[str] = None) -> tuple[Any, dict, int]:
+  """(parameters to sample with, meta, step) from a checkpoint, onto this process's first
+  device, reading only those arrays: the EMA when the state has one, else `params[ema_key]`
+  (or all `params`; parameters-only checkpoints of ldm_jax.convert hold just these).
+
+  The tree comes from the checkpoint's own metadata, so no model or optimizer has to be built
+  to restore it (the optimizer state is never read).
+  """
+  ckpt = Checkpointer(directory, async_save=False)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise UserError(f"no checkpoint in {directory}")
+    meta = ckpt.restore_meta(step)
+  finally:
+    ckpt.close()
+  path = os.path.join(directory, str(step), "state")
+  tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+  if tree.get("ema_params") is not None:
+    keys = ("ema_params",)
+  elif ema_key is not None and ema_key in tree["params"]:
+    keys = ("params", ema_key)
+  else:
+    keys = ("params",)
+  sub = tree
+  for k in keys:
+    sub = sub[k]
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), sub)
+  for k in reversed(keys):
+    abstract = {k: abstract}
+  try:
+    out = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True))
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise UserError(f"cannot restore checkpoint {directory}/{step}: "
+                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+  for k in keys:
+    out = out[k]
+  return out, meta, step
+
+
 def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs with target shardings, the restore target for `Checkpointer.restore`."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

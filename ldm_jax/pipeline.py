@@ -1,20 +1,19 @@
-"""Sampling API: load a trained workdir, run a scan sampler in latent space, decode to images.
+"""Sampling API: load any trained workdir and sample from it.
 
-  pipe = LatentDiffusionPipeline.from_workdir("runs/ldm")
+  pipe = LatentDiffusionPipeline.from_workdir("runs/ldm")      # also runs/pixel, runs/cascade
   images = pipe.sample(16, sampler="ddim", steps=50, guidance=3.0, seed=0, labels=[7] * 16)
 
-The whole reverse chain and the decoder run in ONE jitted function per (sampler, steps,
-batch size, trajectory, timestep options); the guidance scale, eta and the seed are runtime
-values.
+One stage (`DiffusionPipeline`: an LDM or a pixel-space model) runs its whole reverse chain
+and its codec's decoder in ONE jitted function per (sampler, steps, batch size, trajectory,
+timestep options); the guidance scale, eta, the seed and a super-resolution stage's
+augmentation level are runtime values. A cascade (`CascadePipeline`) runs its stages one
+after another, each such a function, resizing each output to condition the next stage.
 
 Workdirs come from train.py (train states with EMA) or from `python -m ldm_jax.convert`
 (parameters only, meta 'format': 'params'; e.g. Stable Diffusion with a frozen CLIP text
 encoder, conditioning.kind 'clip', its tokenizer files in workdir/tokenizer). A converted
-config carries the reference scheduler's timestep spacing in `config.ldm.scheduler`.
+config carries the reference scheduler's timestep spacing in `config.<stage>.scheduler`.
 """
-import functools
-import json
-import os
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -22,60 +21,96 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ldm_jax import diffusion
-from ldm_jax.checkpoint import Checkpointer
+from ldm_jax import codecs, diffusion, load
+from ldm_jax import workdir as workdir_lib
 from ldm_jax.errors import UserError
 from ldm_jax.evaluation.images import to_uint8
-from ldm_jax.models.autoencoder import AutoencoderKL
-from ldm_jax.models.conditioning import ClipTokenizer, Tokenizer
-from ldm_jax.train.diffusion import TEXT_KINDS, DiffusionModel
+from ldm_jax.models.builders import TEXT_KINDS
+from ldm_jax.models.denoiser import LOWRES_KEYS, DiffusionModel
 
-# config.ldm.scheduler keys (diffusers scheduler_config.json terms) -> sampler keywords.
+# config.<stage>.scheduler keys (diffusers scheduler_config.json terms) -> sampler keywords.
 SCHEDULER_OPTIONS = ("timestep_spacing", "steps_offset", "set_alpha_to_one", "clip_sample")
 
 
-class LatentDiffusionPipeline:
-  """Frozen autoencoder + conditional denoiser + schedule: everything needed to sample."""
+def from_workdir(workdir: str, step: Optional[int] = None):
+  """The pipeline of any trained or converted workdir: a DiffusionPipeline for an LDM or a
+  pixel-space model, a CascadePipeline for a cascade. `step` picks the last stage's
+  checkpoint (default: the latest)."""
+  config = workdir_lib.read_config(workdir)
+  names = workdir_lib.diffusion_stages(config)
+  if not names:
+    raise UserError(f"{workdir}/{workdir_lib.CONFIG_FILE} is an autoencoder-only run; sampling "
+                    "needs a diffusion run (configs/ldm.py, configs/pixel.py, configs/cascade.py)")
+  stages = []
+  for i, name in enumerate(names):
+    parts = load.load_stage(config, workdir, name, step if i == len(names) - 1 else None)
+    stages.append(DiffusionPipeline.from_parts(config, parts))
+  return stages[0] if len(stages) == 1 else CascadePipeline(stages)
 
-  def __init__(self, *, autoencoder: AutoencoderKL, ae_params: Any, model: DiffusionModel,
-               params: Any, schedule: diffusion.DiffusionSchedule, latent_shape: Sequence[int],
-               latent_scale: float, parameterization: str = "eps",
-               class_names: Sequence[str] = (), sampler_options: Optional[dict] = None):
+
+class DiffusionPipeline:
+  """One diffusion stage: codec + conditional denoiser + schedule, everything to sample."""
+
+  def __init__(self, *, codec: Any, codec_params: Any, model: DiffusionModel, params: Any,
+               schedule: diffusion.DiffusionSchedule, parameterization: str = "eps",
+               class_names: Sequence[str] = (), sampler_options: Optional[dict] = None,
+               sample_aug_level: float = 0.0, name: str = "ldm"):
     """`sampler_options`: SCHEDULER_OPTIONS values applied to every sampler (None: each
-    sampler's defaults: DDIM leading + steps_offset 1, DDPM leading, DPM-Solver++ linspace)."""
+    sampler's defaults: DDIM leading + steps_offset 1, DDPM leading, DPM-Solver++ linspace).
+    `sample_aug_level`: a super-resolution stage's default augmentation level (a fraction of
+    the timesteps)."""
     unknown = sorted(set(sampler_options or {}) - set(SCHEDULER_OPTIONS))
     if unknown:
-      raise UserError(f"unknown sampler options {unknown} (config.ldm.scheduler: "
+      raise UserError(f"unknown sampler options {unknown} (config.<stage>.scheduler: "
                       f"{list(SCHEDULER_OPTIONS)})")
     self.sampler_options = dict(sampler_options or {})
-    self.autoencoder, self.ae_params = autoencoder, ae_params
+    self.codec, self.codec_params = codec, codec_params
     self.model, self.params = model, params
-    self.schedule, self.latent_shape = schedule, tuple(latent_shape)
-    self.latent_scale, self.parameterization = float(latent_scale), parameterization
+    self.schedule, self.parameterization = schedule, parameterization
     self.class_names = list(class_names)
+    self.sample_aug_level, self.name = float(sample_aug_level), name
     self._compiled = {}
 
   @classmethod
-  def from_workdir(cls, workdir: str, step: Optional[int] = None) -> "LatentDiffusionPipeline":
-    """Loads config.json, the autoencoder and the LDM (EMA parameters) from a workdir."""
-    from ldm_jax.train import stage_ldm  # pylint: disable=g-import-not-at-top
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(config_path):
-      raise UserError(f"no trained model in {workdir!r}: looked for {config_path}")
-    with open(config_path, encoding="utf-8") as f:
-      config = ml_collections.ConfigDict(json.load(f))
-    if "ldm" not in config:
-      raise UserError(f"{config_path} is an autoencoder-only run; sampling needs an LDM run "
-                      "(configs/ldm.py)")
-    ckpt_dir = os.path.join(workdir, "ldm", "checkpoints")
-    probe = Checkpointer(ckpt_dir, async_save=False)
-    meta = probe.restore_meta(step) if probe.latest_step() is not None else {}
-    probe.close()
-    if meta.get("format") == "params":
-      return _load_params_workdir(config, workdir, meta, step)
-    pipe = stage_ldm.load_pipeline(config, workdir, step)
-    pipe.sampler_options = scheduler_options(config)
-    return pipe
+  def from_parts(cls, config: ml_collections.ConfigDict,
+                 parts: load.StageParts) -> "DiffusionPipeline":
+    block = config[parts.name]
+    return cls(codec=parts.codec, codec_params=parts.codec_params, model=parts.model,
+               params=parts.params, schedule=parts.schedule,
+               parameterization=block.diffusion.parameterization,
+               class_names=parts.meta.get("class_names", ()),
+               sampler_options=scheduler_options(config, parts.name),
+               sample_aug_level=float(block.lowres.sample_aug_level), name=parts.name)
+
+  @classmethod
+  def from_workdir(cls, workdir: str, step: Optional[int] = None):
+    """Loads any workdir (see the module function `from_workdir`)."""
+    return from_workdir(workdir, step)
+
+  # ---- the codec, by the names of the latent pipeline ----------------------------------------
+  @property
+  def latent_shape(self) -> tuple:
+    return tuple(self.codec.shape)
+
+  @property
+  def latent_scale(self) -> float:
+    return float(getattr(self.codec, "scale", 1.0))
+
+  @property
+  def autoencoder(self):
+    return getattr(self.codec, "autoencoder", None)
+
+  @property
+  def ae_params(self):
+    return self.codec_params
+
+  @property
+  def image_size(self) -> int:
+    return int(getattr(self.codec, "image_size", 0) or self.codec.shape[0])
+
+  @property
+  def is_super_resolution(self) -> bool:
+    return self.model.lowres_channels > 0
 
   # ---- conditions ---------------------------------------------------------------------------
   def condition(self, num_samples: int, labels=None, prompt=None) -> dict:
@@ -98,6 +133,14 @@ class LatentDiffusionPipeline:
       ids, mask = self.model.tokenizer.encode(list(prompts), self.model.max_length)
       return {"tokens": jnp.asarray(ids), "token_mask": jnp.asarray(mask)}
     return {}
+
+  def aug_steps(self, aug_level: Optional[float]) -> int:
+    """An augmentation level (fraction of the timesteps, None: the stage's default) as the
+    integer level the UNet embeds (0: the low-resolution image is used as it is)."""
+    level = self.sample_aug_level if aug_level is None else float(aug_level)
+    if not 0.0 <= level < 1.0:
+      raise UserError(f"aug_level={level} must be in [0, 1)")
+    return int(round(level * self.schedule.num_timesteps))
 
   # ---- sampling -----------------------------------------------------------------------------
   def _sampler_kwargs(self, sampler: str, options: dict) -> dict:
@@ -122,6 +165,7 @@ class LatentDiffusionPipeline:
       return self._compiled[key]
     if sampler not in diffusion.SAMPLERS:
       raise UserError(f"unknown sampler {sampler!r}: one of {sorted(diffusion.SAMPLERS)}")
+    shape, codec, sched = self.latent_shape, self.codec, self.schedule
 
     def model_fn(x, t, cond, params):
       if progress is not None:
@@ -130,26 +174,30 @@ class LatentDiffusionPipeline:
 
     extra = self._sampler_kwargs(sampler, dict(options))
 
-    def run(params, ae_params, cond, uncond, scale, eta, rng, latents):
-      r_init, r_steps = jax.random.split(rng)
+    def run(params, codec_params, cond, uncond, scale, eta, rng, latents, lowres, aug_level):
+      r_init, r_steps, r_aug = jax.random.split(rng, 3)
       x_T = (jnp.asarray(latents, jnp.float32) if given_latents else
-             jax.random.normal(r_init, (num_samples,) + self.latent_shape, jnp.float32))
+             jax.random.normal(r_init, (num_samples,) + shape, jnp.float32))
+      if lowres is not None:  # a super-resolution stage: both branches see the same image
+        low = codecs.upsample_condition(lowres, shape[0])
+        level = jnp.full((num_samples,), aug_level, jnp.int32)
+        low = diffusion.augment(sched, low, level, jax.random.normal(r_aug, low.shape))
+        cond = {**cond, "lowres": low, "aug_level": level}
+        uncond = {**uncond, "lowres": low, "aug_level": level}
       kwargs = dict(num_steps=steps, rng=r_steps, parameterization=self.parameterization,
                     return_trajectory=trajectory, **extra)
       if sampler == "ddim":
         kwargs["eta"] = eta
-      if cond:
+      if set(cond) - set(LOWRES_KEYS):
         fn, args = diffusion.guided(model_fn), (cond, uncond, scale, params)
       else:
-        fn, args = (lambda x, t, p: model_fn(x, t, {}, p)), (params,)
-      out = diffusion.sample(sampler, fn, x_T, self.schedule, model_args=args, **kwargs)
-      dec = lambda z: self.autoencoder.apply(  # noqa: E731
-          {"params": ae_params}, z / self.latent_scale, method=AutoencoderKL.decode)
+        fn, args = (lambda x, t, c, p: model_fn(x, t, c, p)), (cond, params)
+      out = diffusion.sample(sampler, fn, x_T, sched, model_args=args, **kwargs)
+      dec = lambda z: jnp.clip(codec.decode(codec_params, z), -1, 1)  # noqa: E731
       if trajectory:
         z0, traj = out
-        images = jax.lax.map(lambda z: jnp.clip(dec(z), -1, 1), traj.x)
-        return jnp.clip(dec(z0), -1, 1), images
-      return jnp.clip(dec(out), -1, 1)
+        return dec(z0), jax.lax.map(dec, traj.x)
+      return dec(out)
 
     fn = jax.jit(run)
     self._compiled[key] = fn
@@ -160,17 +208,22 @@ class LatentDiffusionPipeline:
              prompt=None, trajectory: bool = False,
              progress: Optional[Callable[[int], None]] = None, as_uint8: bool = True,
              latents=None, timestep_spacing: Optional[str] = None,
-             steps_offset: Optional[int] = None):
+             steps_offset: Optional[int] = None, lowres=None,
+             aug_level: Optional[float] = None, rng: Optional[jax.Array] = None):
     """Draws `num_samples` images (NHWC uint8, or float in [-1, 1] with as_uint8=False).
 
     With trajectory=True also returns the decoded x_t after every step, [steps, N, H, W, C].
     `progress(t)` is called on the host at each denoiser evaluation (t: the timestep).
     `latents` [N, *latent_shape] replaces the x_T drawn from `seed` (the sampler's noise
     still comes from `seed`). `timestep_spacing` ('leading', 'linspace', 'trailing') and
-    `steps_offset` override the workdir's scheduler settings.
+    `steps_offset` override the workdir's scheduler settings. A super-resolution stage needs
+    `lowres` (float images in [-1, 1], [N, h, w, C]) and noises them to `aug_level`.
+    `rng` replaces `jax.random.key(seed)`.
     """
     if steps < 1:
       raise UserError(f"steps={steps} must be at least 1")
+    if not np.isfinite(guidance) or not np.isfinite(eta):
+      raise UserError(f"guidance={guidance} and eta={eta} must be finite")
     options = dict(self.sampler_options)
     if timestep_spacing is not None:
       options["timestep_spacing"] = timestep_spacing
@@ -181,71 +234,96 @@ class LatentDiffusionPipeline:
       want = (int(num_samples),) + self.latent_shape
       if latents.shape != want:
         raise UserError(f"latents of shape {latents.shape}, expected {want}")
+    if self.is_super_resolution != (lowres is not None):
+      raise UserError(f"stage {self.name!r}: lowres images are "
+                      f"{'required' if self.is_super_resolution else 'not used'} here")
+    if lowres is not None:
+      lowres = jnp.asarray(lowres, jnp.float32)
+      if lowres.shape[0] != num_samples or lowres.shape[-1] != self.latent_shape[-1]:
+        raise UserError(f"lowres images of shape {lowres.shape} for {num_samples} samples "
+                        f"with {self.latent_shape[-1]} channels")
     cond = self.condition(num_samples, labels, prompt)
     uncond = self.model.null_condition(1)
     fn = self._sampler_fn(sampler, int(steps), int(num_samples), bool(trajectory), progress,
                           tuple(sorted(options.items())), latents is not None)
-    out = fn(self.params, self.ae_params, cond, uncond, jnp.float32(guidance), jnp.float32(eta),
-             jax.random.key(seed), latents)
+    out = fn(self.params, self.codec_params, cond, uncond, jnp.float32(guidance),
+             jnp.float32(eta), jax.random.key(seed) if rng is None else rng, latents, lowres,
+             jnp.int32(self.aug_steps(aug_level) if lowres is not None else 0))
     convert = (lambda x: to_uint8(np.asarray(x))) if as_uint8 else np.asarray  # noqa: E731
     if trajectory:
       return convert(out[0]), convert(out[1])
     return convert(out)
 
 
-def scheduler_options(config: ml_collections.ConfigDict) -> dict:
-  """config.ldm.scheduler as a dict ({} when absent: each sampler's defaults)."""
-  opts = config.ldm.get("scheduler", None)
+# The name users and notebooks know: a latent diffusion workdir loads as one stage.
+LatentDiffusionPipeline = DiffusionPipeline
+
+
+def _nearest_upsample(images: np.ndarray, size: int) -> np.ndarray:
+  """[..., h, w, C] -> [..., size, size, C] by pixel repetition (size a multiple of h)."""
+  f = size // images.shape[-2]
+  return np.repeat(np.repeat(images, f, axis=-3), f, axis=-2)
+
+
+class CascadePipeline:
+  """A base stage and super-resolution stages, run one after another: stage i + 1 is
+  conditioned on stage i's output (resized inside its sampler and noised to `aug_level`).
+  Each stage samples with its own key, `fold_in(key(seed), i)` for i >= 1."""
+
+  def __init__(self, stages: Sequence[DiffusionPipeline]):
+    if not stages or stages[0].is_super_resolution:
+      raise UserError("a cascade starts with a stage that is not conditioned on images")
+    self.stages = list(stages)
+    self.class_names = self.stages[0].class_names
+
+  @classmethod
+  def from_workdir(cls, workdir: str, step: Optional[int] = None):
+    return from_workdir(workdir, step)
+
+  @property
+  def image_size(self) -> int:
+    return self.stages[-1].image_size
+
+  def sample(self, num_samples: int, *, seed: int = 0, trajectory: bool = False,
+             as_uint8: bool = True, latents=None, aug_level: Optional[float] = None,
+             stage_outputs: bool = False, base_images=None, **kwargs):
+    """Images of the last stage (see DiffusionPipeline.sample for the keywords; `latents`
+    go to the base stage). trajectory=True also returns every stage's decoded x_t, resized
+    (nearest) to the output size and concatenated in time. stage_outputs=True returns the
+    list of each stage's images instead. `base_images` (float, [-1, 1]) replace the base
+    stage's samples (e.g. to follow a corrupted base sample through the super-resolution)."""
+    key = jax.random.key(seed)
+    frames, outputs = [], []
+    images = None
+    for i, stage in enumerate(self.stages):
+      rng = key if i == 0 else jax.random.fold_in(key, i)
+      if i == 0 and base_images is not None:
+        images = np.asarray(base_images, np.float32)
+        outputs.append(images)
+        continue
+      out = stage.sample(num_samples, rng=rng, trajectory=trajectory, as_uint8=False,
+                         latents=latents if i == 0 else None,
+                         lowres=None if i == 0 else images,
+                         aug_level=None if i == 0 else aug_level, **kwargs)
+      if trajectory:
+        out, traj = out
+        frames.append(traj)
+      images = out
+      outputs.append(images)
+    size = self.image_size
+    convert = (lambda x: to_uint8(np.asarray(x))) if as_uint8 else np.asarray  # noqa: E731
+    if stage_outputs:
+      return [convert(o) for o in outputs]
+    if trajectory:
+      traj = np.concatenate([_nearest_upsample(f, size) for f in frames], axis=0)
+      return convert(images), convert(traj)
+    return convert(images)
+
+
+def scheduler_options(config: ml_collections.ConfigDict, stage: str = "ldm") -> dict:
+  """config.<stage>.scheduler as a dict ({} when absent: each sampler's defaults)."""
+  opts = config[stage].get("scheduler", None)
   return {} if opts is None else dict(opts.to_dict() if hasattr(opts, "to_dict") else opts)
-
-
-def _restore_params(directory: str, abstract: Any, step: Optional[int]):
-  """{'params': ...} of a parameters-only checkpoint, onto the first device."""
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  ckpt = Checkpointer(directory, async_save=False)
-  try:
-    target = {"params": jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)}
-    state, meta = ckpt.restore(target, step)
-  finally:
-    ckpt.close()
-  if meta.get("format") != "params":
-    raise UserError(f"{directory}: expected a parameters-only checkpoint (ldm_jax.convert)")
-  return state["params"]
-
-
-def _load_params_workdir(config: ml_collections.ConfigDict, workdir: str, meta: dict,
-                         step: Optional[int]) -> "LatentDiffusionPipeline":
-  """A pipeline from a converted workdir (parameters-only checkpoints)."""
-  from ldm_jax.train.autoencoder import build_autoencoder  # pylint: disable=g-import-not-at-top
-  from ldm_jax.train.diffusion import (  # pylint: disable=g-import-not-at-top
-      build_text_encoder, build_unet, make_schedule)
-  ldm, rng = config.ldm, jax.random.key(0)
-  autoencoder = build_autoencoder(config.autoencoder, config.data.channels)
-  image = jnp.zeros((1, config.data.image_size, config.data.image_size, config.data.channels))
-  ae_abstract = jax.eval_shape(lambda: autoencoder.init(rng, image)["params"])
-  ae_params = _restore_params(os.path.join(workdir, "autoencoder", "checkpoints"), ae_abstract,
-                              None)
-  kind = ldm.conditioning.kind
-  tokenizer = text = None
-  if kind == "clip":
-    tokenizer = ClipTokenizer(os.path.join(workdir, ldm.conditioning.get("tokenizer",
-                                                                        "tokenizer")))
-  elif kind == "text":
-    tokenizer = Tokenizer.from_json(meta["tokenizer"])
-  if kind in TEXT_KINDS:
-    text = build_text_encoder(ldm, tokenizer)
-  latent_shape = tuple(meta["latent_shape"])
-  model = DiffusionModel(build_unet(ldm, latent_shape[-1], int(meta["num_classes"])), text,
-                         kind, tokenizer, int(ldm.conditioning.max_length))
-  abstract = jax.eval_shape(lambda: model.init(rng, latent_shape))
-  params = _restore_params(os.path.join(workdir, "ldm", "checkpoints"), abstract, step)
-  return LatentDiffusionPipeline(
-      autoencoder=autoencoder, ae_params=ae_params, model=model, params=params,
-      schedule=make_schedule(ldm), latent_shape=latent_shape,
-      latent_scale=meta["latent_scale"], parameterization=ldm.diffusion.parameterization,
-      class_names=meta.get("class_names", ()),
-      sampler_options=scheduler_options(config))
 
 
 class StepProgress:

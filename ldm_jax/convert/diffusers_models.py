@@ -22,8 +22,7 @@ import ml_collections
 
 from ldm_jax.convert.torch_params import Fused, Source, params_from_state_dict
 from ldm_jax.errors import UserError
-from ldm_jax.train.autoencoder import build_autoencoder
-from ldm_jax.train.diffusion import build_unet
+from ldm_jax.models.builders import build_autoencoder, build_unet
 
 # --- Building our modules from a converter's cfg (also what a config holding cfg builds). ---
 

@@ -18,7 +18,9 @@ from typing import Any, Optional, Sequence
 import jax
 import ml_collections
 
+from ldm_jax import workdir as workdir_lib
 from ldm_jax.checkpoint import Checkpointer
+from ldm_jax.config_schema import AUTOENCODER
 from ldm_jax.errors import UserError
 
 PARAMS_FORMAT = "params"
@@ -59,16 +61,15 @@ def write_workdir(workdir: str, config: ml_collections.ConfigDict, ae_params: An
                   source: str, tokenizer_dir: Optional[str] = None,
                   tokenizer_files: Sequence[str] = ()) -> None:
   """config.json, both checkpoints and (optionally) the tokenizer files into `workdir`."""
-  from ldm_jax.train.run import write_config  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(workdir)
   if os.path.exists(os.path.join(workdir, "config.json")):
     raise UserError(f"{workdir} already holds a model (config.json): convert into a new workdir")
   to_host = lambda tree: jax.tree.map(lambda x: jax.numpy.asarray(x), tree)  # noqa: E731
   if tokenizer_dir is not None:
     copy_files(tokenizer_dir, os.path.join(workdir, "tokenizer"), tokenizer_files)
-  save_params(os.path.join(workdir, "autoencoder", "checkpoints"), to_host(ae_params),
+  save_params(workdir_lib.checkpoint_dir(workdir, AUTOENCODER), to_host(ae_params),
               {"source": source})
   meta = {"latent_scale": float(latent_scale), "latent_shape": [int(s) for s in latent_shape],
           "num_classes": 0, "class_names": [], "tokenizer": "", "source": source}
-  save_params(os.path.join(workdir, "ldm", "checkpoints"), to_host(ldm_params), meta)
-  write_config(config, workdir)  # last: its presence marks a complete workdir
+  save_params(workdir_lib.checkpoint_dir(workdir, "ldm"), to_host(ldm_params), meta)
+  workdir_lib.write_config(config, workdir)  # last: its presence marks a complete workdir

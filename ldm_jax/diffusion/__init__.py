@@ -1,5 +1,5 @@
 """Diffusion math: schedules, training objectives and samplers, as pure JAX functions."""
-from ldm_jax.diffusion.objectives import (PARAMETERIZATIONS, ddpm_posterior, diffusion_loss,
+from ldm_jax.diffusion.objectives import (PARAMETERIZATIONS, augment, ddpm_posterior, diffusion_loss,
                                           extract, min_snr_weights, predict_x0_and_eps,
                                           q_sample, snr, target)
 from ldm_jax.diffusion.samplers import (SAMPLERS, SPACINGS, Trajectory, cfg_denoise, ddim_invert,
@@ -10,7 +10,7 @@ from ldm_jax.diffusion.schedules import (BETA_SCHEDULES, DiffusionSchedule, beta
                                          schedule_from_betas)
 
 __all__ = [
-    "BETA_SCHEDULES", "DiffusionSchedule", "PARAMETERIZATIONS", "SAMPLERS", "SPACINGS",
+    "BETA_SCHEDULES", "DiffusionSchedule", "PARAMETERIZATIONS", "SAMPLERS", "SPACINGS", "augment",
     "Trajectory", "beta_schedule", "cfg_denoise", "ddim_invert", "ddim_sample", "ddpm_posterior",
     "ddpm_sample", "diffusion_loss", "dpm_solver_pp_2m_sample", "dpm_solver_timesteps", "extract",
     "guided", "make_schedule", "min_snr_weights", "predict_x0_and_eps", "q_sample",

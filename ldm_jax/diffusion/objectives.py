@@ -47,6 +47,16 @@ def q_sample(sched: DiffusionSchedule, x0: jax.Array, t: jax.Array, noise: jax.A
   return a * x0 + s * noise
 
 
+def augment(sched: DiffusionSchedule, x: jax.Array, level: jax.Array,
+            noise: jax.Array) -> jax.Array:
+  """Noise-conditioning augmentation (Cascaded Diffusion Models, Imagen) of a conditioning
+  image: `level` (int [B] or scalar) 0 keeps x, level s >= 1 gives q_sample at t = s - 1."""
+  level = jnp.broadcast_to(jnp.asarray(level, jnp.int32), x.shape[:1])
+  noised = q_sample(sched, x, jnp.maximum(level - 1, 0), noise)
+  keep = (level == 0).reshape((-1,) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x, noised)
+
+
 def target(sched: DiffusionSchedule, x0: jax.Array, noise: jax.Array, t: jax.Array,
            parameterization: str = "eps") -> jax.Array:
   """What the network regresses: eps, x_0, or v = alpha_t eps - sigma_t x_0."""

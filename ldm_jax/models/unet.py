@@ -22,6 +22,9 @@ Conditioning:
   * concatenation conditioning (LDM's `concat` key, e.g. inpainting masks or low-res images
     for super-resolution) is done by the caller: the UNet accepts whatever number of
     channels `x` has, so concatenate the conditioning onto x along the channel axis.
+  * noise-conditioning augmentation level (`aug_embedding=True`; Cascaded Diffusion Models,
+    Imagen): the timestep at which the low-resolution conditioning was noised, embedded like
+    the timestep (own sinusoidal features and MLP) and added to the timestep embedding.
 
 Initialisation follows LDM where `layers` allows it: the final conv and the transformers'
 `proj_out` are zero-initialised, so a fresh UNet outputs exactly zero. `layers.ResBlock`
@@ -58,6 +61,7 @@ class UNet(nn.Module):
     transformer_depth: BasicTransformerBlocks per SpatialTransformer.
     context_dim: width of the cross-attention context; None = no cross-attention.
     num_classes: 0 = no labels; else label embedding with num_classes + 1 rows (last = null).
+    aug_embedding: embed `aug_level` (the noise level of a low-resolution conditioning).
     conv_resample: learned 3x3 convs in Down/Upsample (else avg-pool / plain nearest).
     remat: rematerialise (gradient-checkpoint) every ResBlock and attention block.
     num_groups: GroupNorm groups.
@@ -99,6 +103,7 @@ class UNet(nn.Module):
   mid_attention: bool = True
   level_heads: Sequence[int] = ()
   level_transformer_depth: Sequence[int] = ()
+  aug_embedding: bool = False
 
   @property
   def null_label(self) -> int:
@@ -168,7 +173,7 @@ class UNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, *, labels: Optional[jax.Array] = None,
                context: Optional[jax.Array] = None, context_mask: Optional[jax.Array] = None,
-               train: bool = False) -> jax.Array:
+               aug_level: Optional[jax.Array] = None, train: bool = False) -> jax.Array:
     """Predicts from noisy input x [B, H, W, C_in] at timesteps t ([B] or scalar).
 
     Args:
@@ -179,12 +184,17 @@ class UNet(nn.Module):
         with num_classes > 0 uses the null label for the whole batch.
       context: [B, S, context_dim] cross-attention context (required iff context_dim is set).
       context_mask: optional bool [B, S]; False tokens are ignored by cross-attention.
+      aug_level: int [B] (or scalar) noise level of the concatenated low-resolution
+        conditioning; required iff `aug_embedding`.
       train: enables dropout (needs the "dropout" rng).
 
     Returns:
       float32 [B, H, W, out_channels].
     """
     self._check(labels, context)
+    if (aug_level is None) == self.aug_embedding:
+      raise UserError(f"UNet: aug_embedding={self.aug_embedding} but aug_level "
+                      f"{'missing' if aug_level is None else 'given'}")
     b, hgt, wid, _ = x.shape
     f = 2 ** (len(self.channel_mult) - 1)
     if hgt % f or wid % f:
@@ -196,6 +206,12 @@ class UNet(nn.Module):
                                       freq_shift=self.freq_shift)
     emb = nn.Dense(emb_dim, dtype=self.dtype, name="time_embed_0")(t_emb)
     emb = nn.Dense(emb_dim, dtype=self.dtype, name="time_embed_1")(nn.silu(emb))
+    if self.aug_embedding:
+      a_emb = layers.timestep_embedding(jnp.broadcast_to(jnp.asarray(aug_level), (b,)), mc,
+                                        flip_sin_to_cos=self.flip_sin_to_cos,
+                                        freq_shift=self.freq_shift)
+      a_emb = nn.Dense(emb_dim, dtype=self.dtype, name="aug_embed_0")(a_emb)
+      emb = emb + nn.Dense(emb_dim, dtype=self.dtype, name="aug_embed_1")(nn.silu(a_emb))
     if self.num_classes > 0:
       if labels is None:
         labels = jnp.full((b,), self.null_label, jnp.int32)

@@ -19,27 +19,9 @@ from clu import metrics as clu_metrics
 from ldm_jax.evaluation import metrics as image_metrics
 from ldm_jax.losses import autoencoder as losses
 from ldm_jax.models.autoencoder import AutoencoderKL
+from ldm_jax.models.builders import build_autoencoder, compute_dtype  # noqa: F401
 from ldm_jax.models.discriminator import PatchDiscriminator
 from ldm_jax.train.state import TrainState, adam_schedule
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def compute_dtype(name: str):
-  if name not in _DTYPES:
-    raise ValueError(f"config.train.compute_dtype={name!r}: use one of {sorted(_DTYPES)}")
-  return _DTYPES[name]
-
-
-def build_autoencoder(ae_cfg: ml_collections.ConfigDict, channels: int,
-                      dtype=jnp.float32) -> AutoencoderKL:
-  return AutoencoderKL(
-      ch=ae_cfg.ch, ch_mult=tuple(ae_cfg.ch_mult), num_res_blocks=ae_cfg.num_res_blocks,
-      in_channels=channels, z_channels=ae_cfg.z_channels, embed_dim=ae_cfg.embed_dim,
-      attn_levels=tuple(ae_cfg.attn_levels), mid_attention=ae_cfg.mid_attention,
-      dropout=ae_cfg.dropout, num_groups=ae_cfg.num_groups, dtype=dtype,
-      quant_conv=bool(ae_cfg.get("quant_conv", True)))  # absent in configs of older runs
-
 
 def metrics_collection(names):
   """A clu Collection averaging each named scalar over the steps it is merged across."""

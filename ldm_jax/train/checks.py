@@ -1,6 +1,7 @@
 """Config validation that runs before anything is compiled: one line naming the key."""
 import ml_collections
 
+from ldm_jax.config_schema import AUTOENCODER, CODECS
 from ldm_jax.errors import UserError
 
 _CHOICES = {
@@ -50,31 +51,75 @@ def check_autoencoder_config(config: ml_collections.ConfigDict) -> None:
                     f"{tuple(config.autoencoder.ch_mult)})")
 
 
-_LDM_CHOICES = {
-    "ldm.conditioning.kind": ("class", "text", "none"),
-    "ldm.diffusion.parameterization": ("eps", "v", "x0"),
-    "ldm.diffusion.schedule": ("linear", "scaled_linear", "cosine"),
-    "ldm.train.compute_dtype": ("float32", "bfloat16"),
-    "ldm.optim.decay": ("constant", "cosine"),
-    "ldm.sample.sampler": ("ddpm", "ddim", "dpmpp_2m"),
+_STAGE_CHOICES = {
+    "codec": CODECS,
+    "conditioning.kind": ("class", "text", "none", "clip"),
+    "diffusion.parameterization": ("eps", "v", "x0"),
+    "diffusion.schedule": ("linear", "scaled_linear", "cosine"),
+    "train.compute_dtype": ("float32", "bfloat16"),
+    "optim.decay": ("constant", "cosine"),
+    "sample.sampler": ("ddpm", "ddim", "dpmpp_2m"),
 }
 
 
-def check_ldm_config(config: ml_collections.ConfigDict) -> None:
-  """Stage-2 keys: enums, sizes, and latent size divisible by the UNet's downsampling."""
-  for key, allowed in _LDM_CHOICES.items():
-    value = _get(config, key)
+def check_stages(config: ml_collections.ConfigDict) -> None:
+  """Every diffusion stage of `config.stages`: enums, sizes, the codec's resolution against
+  the UNet's downsampling, and the low-resolution stage of super-resolution stages."""
+  stages = tuple(config.stages)
+  if len(set(stages)) != len(stages) or not stages:
+    raise UserError(f"config.stages={stages} must name each stage once")
+  if AUTOENCODER in stages[1:]:
+    raise UserError(f"config.stages={stages}: '{AUTOENCODER}' can only come first")
+  for name in stages:
+    if name not in config:
+      raise UserError(f"config.stages names {name!r} but config.{name} does not exist")
+  names = [n for n in stages if n != AUTOENCODER]
+  for i, name in enumerate(names):
+    _check_stage(config, name, names[:i])
+
+
+def _check_stage(config, name: str, before: list) -> None:
+  block = config[name]
+  for key, allowed in _STAGE_CHOICES.items():
+    value = _get(block, key)
     if value not in allowed:
-      raise UserError(f"config.{key}={value!r} is not one of {list(allowed)}")
-  check_positive(config, "ldm.train.batch_size", "ldm.train.num_steps", "ldm.train.log_every",
-                 "ldm.train.eval_every", "ldm.train.checkpoint_every", "ldm.unet.model_channels")
-  if not 0.0 <= config.ldm.conditioning.drop_prob < 1.0:
-    raise UserError(f"config.ldm.conditioning.drop_prob={config.ldm.conditioning.drop_prob} "
+      raise UserError(f"config.{name}.{key}={value!r} is not one of {list(allowed)}")
+  check_positive(config, f"{name}.train.batch_size", f"{name}.train.num_steps",
+                 f"{name}.train.log_every", f"{name}.train.eval_every",
+                 f"{name}.train.checkpoint_every", f"{name}.unet.model_channels")
+  if not 0.0 <= block.conditioning.drop_prob < 1.0:
+    raise UserError(f"config.{name}.conditioning.drop_prob={block.conditioning.drop_prob} "
                     "must be in [0, 1)")
-  f = 2 ** (len(config.autoencoder.ch_mult) - 1)
-  latent = config.data.image_size // f
-  down = 2 ** (len(config.ldm.unet.channel_mult) - 1)
-  if latent % down:
-    raise UserError(f"config.ldm.unet.channel_mult={tuple(config.ldm.unet.channel_mult)} "
-                    f"halves the {latent}x{latent} latents {len(config.ldm.unet.channel_mult) - 1}"
-                    f" times: the latent size must be divisible by {down}")
+  if block.codec == "latent":
+    if AUTOENCODER not in config.stages and not block.autoencoder_workdir:
+      raise UserError(f"config.{name}.codec='latent' needs an autoencoder: put "
+                      f"'{AUTOENCODER}' first in config.stages or set "
+                      f"config.{name}.autoencoder_workdir")
+    ae = config.autoencoder if "autoencoder" in config else None
+    f = 2 ** (len(ae.ch_mult) - 1) if ae is not None else 1
+    size, what = config.data.image_size // f, "latents"
+  else:
+    size, what = int(block.resolution or config.data.image_size), "images"
+    if not 0 < size <= config.data.image_size:
+      raise UserError(f"config.{name}.resolution={block.resolution} must be in "
+                      f"[1, data.image_size={config.data.image_size}]")
+  down = 2 ** (len(block.unet.channel_mult) - 1)
+  if size % down:
+    raise UserError(f"config.{name}.unet.channel_mult={tuple(block.unet.channel_mult)} "
+                    f"halves the {size}x{size} {what} {len(block.unet.channel_mult) - 1}"
+                    f" times: their size must be divisible by {down}")
+  low = block.lowres.stage
+  if low:
+    if low not in before:
+      raise UserError(f"config.{name}.lowres.stage={low!r} must be a diffusion stage trained "
+                      f"before it (one of {before})")
+    if block.codec != "pixel" or config[low].codec != "pixel":
+      raise UserError(f"config.{name}.lowres.stage={low!r}: super-resolution stages and the "
+                      "stage below them run in pixel space (codec='pixel')")
+    low_size = int(config[low].resolution or config.data.image_size)
+    if low_size >= size:
+      raise UserError(f"config.{name}.lowres.stage={low!r} makes {low_size}x{low_size} images, "
+                      f"not smaller than this stage's {size}x{size}")
+    if not 0.0 <= block.lowres.aug_max < 1.0 or not 0.0 <= block.lowres.sample_aug_level < 1.0:
+      raise UserError(f"config.{name}.lowres.aug_max={block.lowres.aug_max} and "
+                      f"sample_aug_level={block.lowres.sample_aug_level} must be in [0, 1)")

@@ -7,6 +7,8 @@ import jax
 import numpy as np
 from clu import metric_writers
 
+from ldm_jax.workdir import read_summary, update_summary  # noqa: F401  (re-exported)
+
 
 def _plain(v: Any):
   v = np.asarray(v)
@@ -70,24 +72,3 @@ def create_writer(logdir: str) -> metric_writers.MetricWriter:
 def read_jsonl(path: str) -> list[dict]:
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
-
-
-def read_summary(workdir: str) -> dict:
-  path = os.path.join(workdir, "summary.json")
-  if not os.path.exists(path):
-    return {}
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def update_summary(workdir: str, stage: str, metrics: Mapping[str, Any]) -> None:
-  """Merges `{stage: metrics}` into workdir/summary.json, atomically (write + rename)."""
-  if jax.process_index() != 0:
-    return
-  path = os.path.join(workdir, "summary.json")
-  summary = read_summary(workdir)
-  summary[stage] = {k: _plain(v) for k, v in metrics.items()}
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)

@@ -1,0 +1,182 @@
+"""A diffusion stage with its I/O, for any codec: the latent scale of an autoencoder codec,
+captions, the low-resolution stage of a super-resolution model, periodic sample grids."""
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ldm_jax import data as data_lib
+from ldm_jax import load, sharding
+from ldm_jax import workdir as workdir_lib
+from ldm_jax.checkpoint import Checkpointer
+from ldm_jax.evaluation import images as image_io
+from ldm_jax.models.conditioning import CAPTION_TEMPLATES, Tokenizer, fashion_mnist_captions
+from ldm_jax.pipeline import CascadePipeline, DiffusionPipeline
+from ldm_jax.train import stage_autoencoder
+from ldm_jax.train.diffusion import DiffusionTask
+from ldm_jax.train.loop import train_stage
+
+
+def caption_vocabulary(class_names) -> list[str]:
+  """Every caption the training stream can produce (templates x class names)."""
+  return [t.format(a=a, name=n.lower()) for t in CAPTION_TEMPLATES for n in class_names
+          for a in ("a", "an")]
+
+
+def training_captions(source, class_names) -> list[str]:
+  """The captions the text encoder trains on: the source's own (caption files beside a
+  folder's images), else every caption made from the class names."""
+  if getattr(source, "captions", None) is not None:
+    return list(source.captions)
+  return caption_vocabulary(class_names)
+
+
+def sample_prompts(captions: list[str], num_samples: int) -> list[str]:
+  """`num_samples` prompts for the periodic sample grids: the distinct non-empty training
+  captions in order, repeated to fill the grid."""
+  distinct = list(dict.fromkeys(c for c in captions if c)) or [""]
+  return (distinct * num_samples)[:num_samples]
+
+
+def with_captions(batches, tokenizer: Tokenizer, class_names, max_length: int, seed: int):
+  """Adds caption tokens to each batch. A batch with its own 'caption' strings (from caption
+  files) is tokenized as it is; otherwise each example gets a random template with its class
+  name, seeded by the step, so a resumed run sees the same captions."""
+  def iterate(start_step):
+    for step, batch in enumerate(batches(start_step), start_step):
+      batch = dict(batch)
+      captions = batch.pop("caption", None)
+      if captions is None:
+        rng = np.random.default_rng([seed, 2, step])
+        captions = fashion_mnist_captions(batch["label"], class_names, rng)
+      ids, mask = tokenizer.encode(list(captions), max_length)
+      yield {**batch, "tokens": ids, "token_mask": mask}
+  return iterate
+
+
+def estimate_latent_scale(codec, codec_params, batches, num_batches: int, mesh) -> float:
+  """1 / std of unscaled posterior samples over `num_batches` global batches (all processes)."""
+  unit = load.with_scale(codec, 1.0)
+
+  @jax.jit
+  def moments(params, images, rng):
+    z = unit.encode(params, images, rng)
+    return jnp.stack([jnp.sum(z), jnp.sum(jnp.square(z)), jnp.float32(z.size)])
+
+  total = np.zeros(3, np.float64)
+  stream = batches(0)
+  batch_sh = sharding.batch_sharding(mesh)
+  for i in range(num_batches):
+    batch = sharding.put_batch({"image": next(stream)["image"]}, batch_sh)
+    total += np.asarray(moments(codec_params, batch["image"], jax.random.key(i)), np.float64)
+  stream.close()
+  mean = total[0] / total[2]
+  std = float(np.sqrt(total[1] / total[2] - mean ** 2))
+  return 1.0 / std
+
+
+def _saved_meta(ckpt_dir: str):
+  """The meta of the newest checkpoint of a stage (None before its first save)."""
+  if not os.path.isdir(ckpt_dir):
+    return None
+  probe = Checkpointer(ckpt_dir, async_save=False)
+  try:
+    return probe.restore_meta() if probe.latest_step() is not None else None
+  finally:
+    probe.close()
+
+
+def _lower_stages(config, stage: str, workdir: str):
+  """The already trained stages below a super-resolution stage, as a sampler of its
+  conditioning for the periodic sample grids (None for other stages)."""
+  names = workdir_lib.diffusion_stages(config)
+  below = names[:names.index(stage)]
+  if not config[stage].lowres.stage:
+    return None
+  parts = [DiffusionPipeline.from_parts(config, load.load_stage(config, workdir, n))
+           for n in below]
+  return parts[0] if len(parts) == 1 else CascadePipeline(parts)
+
+
+def run_diffusion(config: ml_collections.ConfigDict, stage: str, workdir: str, mesh) -> None:
+  """Trains diffusion stage `stage` (config[stage]) to its num_steps, resuming; its summary
+  goes into summary.json."""
+  block = config[stage]
+  stage_dir = workdir_lib.stage_dir(workdir, stage)
+  ckpt_dir = workdir_lib.checkpoint_dir(workdir, stage)
+  codec, codec_params = load.load_codec(config, stage, workdir)
+  codec_params = sharding.replicate(jax.device_get(codec_params), mesh)
+  low_res = load.lowres_resolution(config, stage)
+
+  train_source = data_lib.make_source(config.data, config.data.train_split)
+  class_names = list(train_source.class_names)
+  text = block.conditioning.kind == "text"
+  captions = training_captions(train_source, class_names) if text else []
+  batches = stage_autoencoder.train_batches(
+      config, train_source, block.train.batch_size,
+      captions=text and train_source.captions is not None)
+
+  meta = _saved_meta(ckpt_dir)
+  tokenizer = None
+  if text:
+    tokenizer = (Tokenizer.from_json(meta["tokenizer"]) if meta else
+                 Tokenizer.from_captions(captions, block.conditioning.max_vocab))
+    batches = with_captions(batches, tokenizer, class_names, block.conditioning.max_length,
+                            config.seed)
+  if codec.kind == "latent":
+    if meta:
+      scale = float(meta["latent_scale"])
+    elif block.diffusion.latent_scale > 0:
+      scale = float(block.diffusion.latent_scale)
+    else:
+      scale = estimate_latent_scale(codec, codec_params, batches,
+                                    block.diffusion.scale_batches, mesh)
+    codec = load.with_scale(codec, scale)
+    block.diffusion.latent_scale = scale
+    workdir_lib.write_config(config, workdir)
+  else:
+    scale = 1.0
+  logging.info("%s: %s codec, scale %.5f, x_0 shape %s", stage, codec.kind, scale, codec.shape)
+
+  num_classes = len(class_names)
+  task = DiffusionTask(config, stage, codec, num_classes, tokenizer, codec_params=codec_params,
+                       lowres_resolution=low_res)
+  meta = {"latent_scale": scale, "latent_shape": list(codec.shape), "codec": codec.kind,
+          "num_classes": num_classes, "class_names": class_names,
+          "tokenizer": tokenizer.to_json() if tokenizer else ""}
+  lower = _lower_stages(config, stage, workdir)
+  grids = []
+
+  def on_eval(state, step, writer):
+    pipe = DiffusionPipeline(
+        codec=codec, codec_params=codec_params, model=task.model, params=state.eval_params(),
+        schedule=task.schedule, parameterization=block.diffusion.parameterization,
+        class_names=class_names, sample_aug_level=block.lowres.sample_aug_level, name=stage)
+    s = block.sample
+    prompt = sample_prompts(captions, s.num_samples) if text else None
+    kwargs = dict(sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta,
+                  prompt=prompt)
+    if lower is not None:
+      low = lower.sample(s.num_samples, seed=config.seed, as_uint8=False, **kwargs)
+      images = pipe.sample(s.num_samples, seed=config.seed + 1, lowres=low, **kwargs)
+    else:
+      images = pipe.sample(s.num_samples, seed=config.seed, **kwargs)
+    grid = image_io.make_grid(images, ncols=int(np.ceil(np.sqrt(s.num_samples))))
+    writer.write_images(step, {"samples": grid[None]})
+    if jax.process_index() == 0:
+      path = os.path.join(stage_dir, f"samples_{step:07d}.png")
+      image_io.save_png(path, grid)
+      grids.append(os.path.relpath(path, workdir))
+
+  state, last = train_stage(task, train_cfg=block.train, seed=config.seed,
+                            image_shape=(config.data.image_size, config.data.channels),
+                            stage_dir=stage_dir, mesh=mesh, batches=batches, on_eval=on_eval,
+                            meta=meta, train_key=f"{stage}.train")
+  if last:  # trained in this call (not only resumed at the end)
+    workdir_lib.update_summary(workdir, stage, {
+        "steps": int(state.step), "final_loss": last["loss"], "latent_scale": scale,
+        "latent_shape": list(codec.shape), "codec": codec.kind,
+        "sample_grid": grids[-1] if grids else ""})
