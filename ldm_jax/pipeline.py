@@ -112,6 +112,13 @@ class DiffusionPipeline:
   def is_super_resolution(self) -> bool:
     return self.model.lowres_channels > 0
 
+  def describe(self) -> str:
+    """One line: the stage, its space and its conditioning."""
+    low = " | conditioned on lower-resolution images" if self.is_super_resolution else ""
+    return (f"{self.name}: {self.codec.kind} space {list(self.latent_shape)} -> "
+            f"{self.image_size}x{self.image_size} images | conditioning: "
+            f"{self.model.cond_kind}{low} | classes: {self.class_names}")
+
   # ---- conditions ---------------------------------------------------------------------------
   def condition(self, num_samples: int, labels=None, prompt=None) -> dict:
     kind = self.model.cond_kind
@@ -283,6 +290,15 @@ class CascadePipeline:
   @property
   def image_size(self) -> int:
     return self.stages[-1].image_size
+
+  @property
+  def model(self) -> DiffusionModel:
+    """The base stage's denoiser (its conditioning is the cascade's)."""
+    return self.stages[0].model
+
+  def describe(self) -> str:
+    return "cascade of {} stages:\n  {}".format(
+        len(self.stages), "\n  ".join(s.describe() for s in self.stages))
 
   def sample(self, num_samples: int, *, seed: int = 0, trajectory: bool = False,
              as_uint8: bool = True, latents=None, aug_level: Optional[float] = None,

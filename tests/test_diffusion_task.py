@@ -9,8 +9,9 @@ import numpy as np
 from ldm_jax.data import CLASS_NAMES
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.conditioning import Tokenizer, fashion_mnist_captions
+from ldm_jax.codecs import LatentCodec
 from ldm_jax.train.diffusion import DiffusionTask, drop_condition
-from ldm_jax.train.stage_ldm import (caption_vocabulary, sample_prompts, training_captions,
+from ldm_jax.train.stage_diffusion import (caption_vocabulary, sample_prompts, training_captions,
                                      with_captions)
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "configs"))
@@ -34,7 +35,7 @@ def test_text_conditioned_step_trains_the_text_encoder():
   ae = AutoencoderKL(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, in_channels=1, num_groups=8)
   ae_params = ae.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"]
   tok = Tokenizer.from_captions(caption_vocabulary(CLASS_NAMES))
-  task = DiffusionTask(config, ae, (8, 8, 4), 1.0, 10, tok, ae_params=ae_params)
+  task = DiffusionTask(config, "ldm", LatentCodec(ae, 1.0, 32), 10, tok, codec_params=ae_params)
   state = jax.jit(task.init_state)(jax.random.key(0))
   assert set(state.params) == {"unet", "text"}
   labels = np.arange(8) % 10

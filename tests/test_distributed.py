@@ -214,8 +214,9 @@ def test_stage2_meshes_give_the_same_losses_as_one_device():
   from ldm_jax.data import CLASS_NAMES
   from ldm_jax.models.autoencoder import AutoencoderKL
   from ldm_jax.models.conditioning import Tokenizer, fashion_mnist_captions
+  from ldm_jax.codecs import LatentCodec
   from ldm_jax.train.diffusion import DiffusionTask
-  from ldm_jax.train.stage_ldm import caption_vocabulary
+  from ldm_jax.train.stage_diffusion import caption_vocabulary
   import ldm as ldm_configs  # noqa: E402  pylint: disable=g-import-not-at-top
   config = ldm_configs.get_config("text")
   config.ldm.unet.update(model_channels=16, num_res_blocks=1, attention_levels=(1,),
@@ -229,7 +230,7 @@ def test_stage2_meshes_give_the_same_losses_as_one_device():
   ae = AutoencoderKL(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, in_channels=1, num_groups=8)
   ae_params = ae.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"]
   tok = Tokenizer.from_captions(caption_vocabulary(CLASS_NAMES))
-  task = DiffusionTask(config, ae, (8, 8, 4), 1.0, 10, tok, ae_params=ae_params)
+  task = DiffusionTask(config, "ldm", LatentCodec(ae, 1.0, 32), 10, tok, codec_params=ae_params)
   length = config.ldm.conditioning.max_length
 
   def captioned_batch(rng):

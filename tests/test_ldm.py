@@ -90,14 +90,15 @@ def test_pipeline_guidance_one_and_runtime_values(smoke_workdir):
 def test_presets_build_and_initialise(preset):
   from ldm_jax.models.conditioning import Tokenizer
   from ldm_jax.train.autoencoder import AutoencoderTask
+  from ldm_jax.codecs import LatentCodec
   from ldm_jax.train.diffusion import DiffusionTask
-  from ldm_jax.train.stage_ldm import caption_vocabulary
+  from ldm_jax.train.stage_diffusion import caption_vocabulary
   from ldm_jax.data import CLASS_NAMES
   config = ldm_configs.get_config(preset)
   ae = AutoencoderTask(config).model
   size = config.data.image_size // ae.downsample_factor
   tok = Tokenizer.from_captions(caption_vocabulary(CLASS_NAMES))
-  task = DiffusionTask(config, ae, (size, size, ae.embed_dim), 1.0, 1000, tok)
+  task = DiffusionTask(config, "ldm", LatentCodec(ae, 1.0, config.data.image_size), 1000, tok)
   if preset in ("cin256", "txt2img_f8"):  # paper-size: shapes only
     state = jax.eval_shape(task.init_state, jax.random.key(0))
   else:

@@ -78,3 +78,21 @@ def ssim(x: jax.Array, y: jax.Array, max_val: float = 1.0, k1: float = 0.01,
   cs = (num1 - num0 + c2) / (den1 - den0 + c2)
   per_channel = jnp.mean(luminance * cs, axis=(1, 2))
   return jnp.mean(per_channel, axis=-1)
+
+
+def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
+  """Frechet distance between Gaussians fitted to two feature sets [N, D] (FID's formula):
+  |mu_x - mu_y|^2 + tr(S_x + S_y - 2 (S_x S_y)^(1/2))."""
+  import scipy.linalg  # pylint: disable=g-import-not-at-top
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or min(len(x), len(y)) < 2:
+    raise UserError(f"frechet_distance wants two [N, D] feature sets, got {x.shape}, {y.shape}")
+  mu_x, mu_y = x.mean(0), y.mean(0)
+  s_x, s_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+  covmean = scipy.linalg.sqrtm(s_x @ s_y)
+  if not np.isfinite(covmean).all():  # singular product: offset both (pytorch-fid's fix)
+    offset = np.eye(len(s_x)) * 1e-6
+    covmean = scipy.linalg.sqrtm((s_x + offset) @ (s_y + offset))
+  covmean = np.real(covmean)
+  return float(np.sum(np.square(mu_x - mu_y)) + np.trace(s_x) + np.trace(s_y)
+               - 2.0 * np.trace(covmean))
