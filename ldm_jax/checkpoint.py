@@ -5,6 +5,7 @@ from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from ldm_jax.errors import UserError
 
@@ -82,7 +83,7 @@ def restore_eval_params(directory: str, step: Optional[int] = None,
   finally:
     ckpt.close()
   path = os.path.join(directory, str(step), "state")
-  tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+  tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
   if tree.get("ema_params") is not None:
     keys = ("ema_params",)
   elif ema_key is not None and ema_key in tree["params"]:

@@ -40,3 +40,40 @@ def one_torch_thread():
   torch.set_num_threads(1)
   yield
   torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def run_notebook(monkeypatch):
+  """Executes notebooks/sample.ipynb on a workdir with `steps` sampler steps; asserts it ran
+  without errors and showed an image; returns the code cells' outputs."""
+  def run(workdir, steps: int):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    root = pathlib.Path(__file__).parents[1]
+    monkeypatch.setenv("LDM_WORKDIR", str(workdir))
+    monkeypatch.setenv("LDM_NOTEBOOK_STEPS", str(steps))
+    nb = nbformat.read(root / "notebooks" / "sample.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(root)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    return outputs
+  return run
+
+
+@pytest.fixture
+def sample_cli():
+  """Runs sample.py on a workdir (8 samples, DDIM, guidance 3, seed 3, `steps` steps, extra
+  flags); returns the PNG's bytes."""
+  def run(workdir, out, *extra, steps: int = 8):
+    import subprocess  # pylint: disable=g-import-not-at-top
+    import sys  # pylint: disable=g-import-not-at-top
+    root = pathlib.Path(__file__).parents[1]
+    cmd = [sys.executable, str(root / "sample.py"), f"--workdir={workdir}", "--num_samples=8",
+           "--sampler=ddim", f"--steps={steps}", "--guidance=3.0", "--seed=3", f"--out={out}",
+           *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out.read_bytes()
+  return run

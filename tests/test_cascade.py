@@ -3,6 +3,7 @@ its augmentation, config checks, smoke pixel and cascade runs through train.py a
 and benchmarks/compare.py on a tiny budget."""
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from ldm_jax.errors import UserError
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.train import checks
 from ldm_jax.train.diffusion import DiffusionTask, lowres_condition
+from ldm_jax.train.loop import init_state
 from ldm_jax.train.writers import read_jsonl
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -86,7 +88,7 @@ def test_lowres_condition_is_the_target_shrunk_and_grown_back():
 
 def test_super_resolution_model_sees_the_lowres_image_and_the_augmentation_level():
   task = _sr_task()
-  state = jax.jit(task.init_state)(jax.random.key(0))
+  state = init_state(task, jax.random.key(0), None)
   unet = state.params["unet"]
   assert unet["conv_in"]["kernel"].shape[2] == 2  # x_t and the low-resolution image
   assert "aug_embed_0" in unet and "aug_embed_1" in unet
@@ -111,7 +113,7 @@ def test_super_resolution_model_sees_the_lowres_image_and_the_augmentation_level
 
 def test_super_resolution_step_trains_the_augmentation_embedding():
   task = _sr_task()
-  state = jax.jit(task.init_state)(jax.random.key(0))
+  state = init_state(task, jax.random.key(0), None)
   batch = {"image": _images(8, 32), "label": (np.arange(8) % 10).astype(np.int32)}
   step = jax.jit(task.make_train_step())
   new = state
@@ -163,14 +165,6 @@ def _train(config, workdir, tfds_dir, *extra):
   return done
 
 
-def _sample(workdir, out, *extra):
-  cmd = [sys.executable, str(ROOT / "sample.py"), f"--workdir={workdir}", "--num_samples=8",
-         "--sampler=ddim", "--steps=4", "--guidance=3.0", "--seed=3", f"--out={out}", *extra]
-  done = subprocess.run(cmd, capture_output=True, text=True)
-  assert done.returncode == 0, done.stderr[-4000:]
-  return out.read_bytes()
-
-
 @pytest.fixture(scope="module")
 def cascade_workdir(tfds_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("cascade_smoke")
@@ -194,17 +188,29 @@ def test_smoke_cascade_trains_every_stage_in_order_and_resumes(cascade_workdir, 
   _train("cascade.py:smoke", cascade_workdir, tfds_dir)  # everything done: nothing retrains
   after = {s: sorted(p.name for p in (cascade_workdir / s / "checkpoints").iterdir())
            for s in shapes}
-  assert before == after
+  assert before == after and before["sr16"] == ["10", "20"]
   assert json.loads((cascade_workdir / "summary.json").read_text()) == summary
+  # Exact resume of a middle stage: drop sr16's last checkpoint, re-run: it trains steps
+  # 11..20 again from step 10 and ends bit-identical (EMA included); sr32 is left alone.
+  from ldm_jax.checkpoint import restore_eval_params
+  ckpt_dir = str(cascade_workdir / "sr16" / "checkpoints")
+  want, _, _ = restore_eval_params(ckpt_dir, 20)
+  sr32_mtime = (cascade_workdir / "sr32" / "checkpoints" / "20").stat().st_mtime
+  shutil.rmtree(cascade_workdir / "sr16" / "checkpoints" / "20")
+  _train("cascade.py:smoke", cascade_workdir, tfds_dir)
+  got, _, step = restore_eval_params(ckpt_dir)
+  assert step == 20
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  assert (cascade_workdir / "sr32" / "checkpoints" / "20").stat().st_mtime == sr32_mtime
 
 
-def test_cascade_sample_cli_same_seed_same_png(cascade_workdir, tmp_path):
-  a = _sample(cascade_workdir, tmp_path / "a.png")
-  assert a == _sample(cascade_workdir, tmp_path / "b.png")
-  assert a != _sample(cascade_workdir, tmp_path / "c.png", "--aug_level=0.4")
+def test_cascade_sample_cli_same_seed_same_png(cascade_workdir, tmp_path, sample_cli):
+  a = sample_cli(cascade_workdir, tmp_path / "a.png", steps=4)
+  assert a == sample_cli(cascade_workdir, tmp_path / "b.png", steps=4)
+  assert a != sample_cli(cascade_workdir, tmp_path / "c.png", "--aug_level=0.4", steps=4)
   from PIL import Image
   assert Image.open(tmp_path / "a.png").size == (3 * 34 + 2, 3 * 34 + 2)  # 8 images, 32x32
-  _sample(cascade_workdir, tmp_path / "t.png", "--trajectory", "--trajectory_frames=3")
+  sample_cli(cascade_workdir, tmp_path / "t.png", "--trajectory", "--trajectory_frames=3", steps=4)
 
 
 def test_cascade_pipeline_chains_stages_with_runtime_guidance_and_aug_level(cascade_workdir):
@@ -224,20 +230,13 @@ def test_cascade_pipeline_chains_stages_with_runtime_guidance_and_aug_level(casc
   np.testing.assert_array_equal(again, a)
 
 
-def test_notebook_executes_on_cascade_workdir(cascade_workdir, monkeypatch):
-  nbformat = pytest.importorskip("nbformat")
-  nbclient = pytest.importorskip("nbclient")
-  monkeypatch.setenv("LDM_WORKDIR", str(cascade_workdir))
-  monkeypatch.setenv("LDM_NOTEBOOK_STEPS", "3")
-  nb = nbformat.read(ROOT / "notebooks" / "sample.ipynb", as_version=4)
-  nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                          resources={"metadata": {"path": str(ROOT)}}).execute()
-  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-  assert not [o for o in outputs if o.get("output_type") == "error"]
-  assert any("image/png" in o.get("data", {}) for o in outputs)
+def test_notebook_executes_on_cascade_workdir(cascade_workdir, run_notebook):
+  outputs = run_notebook(cascade_workdir, 3)
+  text = "".join(o.get("text", "") for o in outputs)
+  assert "cascade of 3 stages" in text
 
 
-def test_smoke_pixel_model_trains_and_samples(tfds_dir, tmp_path):
+def test_smoke_pixel_model_trains_and_samples(tfds_dir, tmp_path, sample_cli):
   workdir = tmp_path / "pixel"
   _train("pixel.py:smoke", workdir, tfds_dir)
   summary = json.loads((workdir / "summary.json").read_text())
@@ -245,8 +244,8 @@ def test_smoke_pixel_model_trains_and_samples(tfds_dir, tmp_path):
   assert not (workdir / "autoencoder").exists()
   history = [h for h in read_jsonl(workdir / "pixel" / "metrics.jsonl") if "loss" in h]
   assert history[-1]["loss"] < history[0]["loss"]
-  a = _sample(workdir, tmp_path / "a.png", "--label=3")
-  assert a == _sample(workdir, tmp_path / "b.png", "--label=3")
+  a = sample_cli(workdir, tmp_path / "a.png", "--label=3", steps=4)
+  assert a == sample_cli(workdir, tmp_path / "b.png", "--label=3", steps=4)
 
 
 def test_compare_runs_on_a_tiny_budget(tfds_dir, tmp_path):
@@ -255,7 +254,7 @@ def test_compare_runs_on_a_tiny_budget(tfds_dir, tmp_path):
          "--budget_minutes=0.05", f"--out={out}", f"--data_dir={tfds_dir}", "--points=2",
          "--samples_per_class=2", "--curve_per_class=1", "--steps=3", "--batch=10",
          "--loss_images=20", "--loss_repeats=1", "--propagation_per_class=1",
-         "--aug_levels=0,0.2", "--classifier_epochs=1", "--steps_cap=8"]
+         "--aug_levels=0,0.2", "--classifier_epochs=1"]
   done = subprocess.run(cmd, capture_output=True, text=True)
   assert done.returncode == 0, done.stderr[-4000:]
   report = json.loads((out / "compare.json").read_text())
@@ -270,10 +269,32 @@ def test_compare_runs_on_a_tiny_budget(tfds_dir, tmp_path):
   ldm, pixel = report["systems"]["ldm"], report["systems"]["pixel"]
   assert set(ldm["loss_gap"]) == {"ldm"} and set(report["systems"]["cascade"]["loss_gap"]) == {
       "base", "sr16", "sr32"}
-  assert pixel["plan"]["pixel"]["num_steps"] == 8  # the cap: steps are a multiple of points
+  # A budget smaller than the compilation leaves the floor: two steps per curve point.
+  assert pixel["plan"]["pixel"]["num_steps"] == 4 and ldm["plan"]["ldm"]["num_steps"] == 4
   prop = report["error_propagation"]
   assert set(prop) == {"trained with augmentation", "trained without augmentation"}
   assert set(prop["trained with augmentation"]) == {"aug_0", "aug_0.2"}
   for name in ("compare.md", "quality_vs_time.png", "samples.png", "error_propagation.png"):
     assert (out / name).stat().st_size > 0
   assert "| cascade |" in (out / "compare.md").read_text()
+
+
+@pytest.mark.parametrize("config_name, preset, expected", [
+    ("pixel", "default", {"pixel": (1, 20)}),
+    ("cascade", "default", {"base": (1, 20), "sr16": (0.3, 10), "sr32": (0.3, 10)}),
+    ("cascade", "imagenet64_256", {"base": (200, 600), "sr256": (50, 500)}),
+])
+def test_presets_build_with_their_stage_shapes(config_name, preset, expected):
+  """Every stage of the presets builds (shapes only) at its resolution; parameter counts in
+  millions within the published models' range for the accelerator preset."""
+  from ldm_jax import load
+  config = workdir_lib.migrate(__import__(config_name).get_config(preset))
+  checks.check_stages(config)
+  for stage, (lo, hi) in expected.items():
+    size = load.stage_resolution(config, stage)
+    codec = codecs.PixelCodec(size, config.data.channels)
+    task = DiffusionTask(config, stage, codec, 1000 if preset.startswith("imagenet") else 10,
+                         lowres_resolution=load.lowres_resolution(config, stage))
+    state = jax.eval_shape(task.init_state, jax.random.key(0))
+    n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)) / 1e6
+    assert lo < n < hi, (stage, n)

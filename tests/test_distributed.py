@@ -259,3 +259,27 @@ def test_stage2_meshes_give_the_same_losses_as_one_device():
     close += int(np.sum(np.abs(b - a) <= 1e-6 + 1e-5 * np.abs(a)))
     total += a.size
   assert close >= 0.995 * total, (close, total)
+
+
+def test_super_resolution_stage_meshes_give_the_same_losses_as_one_device():
+  """A cascade's SR step (pixel codec, low-resolution conditioning with augmentation) on a
+  data x fsdp mesh equals one device: the same loop, shardings and guard as the LDM."""
+  from ldm_jax import codecs, workdir as workdir_lib
+  from ldm_jax.train.diffusion import DiffusionTask
+  import cascade as cascade_configs  # noqa: E402  pylint: disable=g-import-not-at-top
+  config = workdir_lib.migrate(cascade_configs.get_config("smoke"))
+  config.sr16.optim.update(warmup_steps=1, eps=1e-4)
+  config.mesh.fsdp_min_size = 64
+  task = DiffusionTask(config, "sr16", codecs.PixelCodec(16, 1), 10, lowres_resolution=8)
+
+  def labelled(rng):
+    b = random_batch(rng)
+    b["label"] = rng.integers(0, 10, 16).astype(np.int32)
+    return b
+
+  s1, h1 = _train_steps(task, mesh_of(1, 1), 3, labelled)
+  s8, h8 = _train_steps(task, mesh_of(4, 2), 3, labelled)
+  assert any("fsdp" in x.sharding.spec for x in jax.tree.leaves(s8.params))
+  for a, b in zip(h1, h8):
+    for k in a:
+      assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k

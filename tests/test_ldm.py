@@ -39,19 +39,11 @@ def test_smoke_run_trains_both_stages(smoke_workdir):
   assert all(0.8 < h["latent_std"] < 1.25 for h in history)
 
 
-def _sample(workdir, out, *extra):
-  cmd = [sys.executable, str(ROOT / "sample.py"), f"--workdir={workdir}", "--num_samples=8",
-         "--sampler=ddim", "--steps=8", "--guidance=3.0", "--seed=3", f"--out={out}", *extra]
-  done = subprocess.run(cmd, capture_output=True, text=True)
-  assert done.returncode == 0, done.stderr[-4000:]
-  return out.read_bytes()
-
-
-def test_sample_cli_same_seed_same_png(smoke_workdir, tmp_path):
-  a = _sample(smoke_workdir, tmp_path / "a.png")
-  b = _sample(smoke_workdir, tmp_path / "b.png")
+def test_sample_cli_same_seed_same_png(smoke_workdir, tmp_path, sample_cli):
+  a = sample_cli(smoke_workdir, tmp_path / "a.png")
+  b = sample_cli(smoke_workdir, tmp_path / "b.png")
   assert a == b
-  c = _sample(smoke_workdir, tmp_path / "c.png", "--label=7", "--trajectory",
+  c = sample_cli(smoke_workdir, tmp_path / "c.png", "--label=7", "--trajectory",
               "--trajectory_frames=4")
   assert c != a
 
@@ -96,7 +88,6 @@ def test_presets_build_and_initialise(preset):
   from ldm_jax.data import CLASS_NAMES
   config = ldm_configs.get_config(preset)
   ae = AutoencoderTask(config).model
-  size = config.data.image_size // ae.downsample_factor
   tok = Tokenizer.from_captions(caption_vocabulary(CLASS_NAMES))
   task = DiffusionTask(config, "ldm", LatentCodec(ae, 1.0, config.data.image_size), 1000, tok)
   if preset in ("cin256", "txt2img_f8"):  # paper-size: shapes only
@@ -109,14 +100,7 @@ def test_presets_build_and_initialise(preset):
   assert expected[0] < n < expected[1], n
 
 
-def test_notebook_executes_on_smoke_workdir(smoke_workdir, monkeypatch):
-  nbformat = pytest.importorskip("nbformat")
-  nbclient = pytest.importorskip("nbclient")
-  monkeypatch.setenv("LDM_WORKDIR", str(smoke_workdir))
-  monkeypatch.setenv("LDM_NOTEBOOK_STEPS", "5")
-  nb = nbformat.read(ROOT / "notebooks" / "sample.ipynb", as_version=4)
-  nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                          resources={"metadata": {"path": str(ROOT)}}).execute()
-  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-  assert not [o for o in outputs if o.get("output_type") == "error"]
-  assert any("image/png" in o.get("data", {}) for o in outputs)
+def test_notebook_executes_on_smoke_workdir(smoke_workdir, run_notebook):
+  outputs = run_notebook(smoke_workdir, 5)
+  text = "".join(o.get("text", "") for o in outputs)
+  assert "ldm: latent space [8, 8, 4]" in text

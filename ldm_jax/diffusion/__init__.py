@@ -1,7 +1,7 @@
 """Diffusion math: schedules, training objectives and samplers, as pure JAX functions."""
-from ldm_jax.diffusion.objectives import (PARAMETERIZATIONS, augment, ddpm_posterior, diffusion_loss,
-                                          extract, min_snr_weights, predict_x0_and_eps,
-                                          q_sample, snr, target)
+from ldm_jax.diffusion.objectives import (PARAMETERIZATIONS, augment, ddpm_posterior,
+                                          diffusion_loss, extract, min_snr_weights,
+                                          predict_x0_and_eps, q_sample, snr, target)
 from ldm_jax.diffusion.samplers import (SAMPLERS, SPACINGS, Trajectory, cfg_denoise, ddim_invert,
                                         ddim_sample, ddpm_sample, dpm_solver_pp_2m_sample,
                                         dpm_solver_timesteps, guided, sample, timesteps)

@@ -8,7 +8,7 @@ reconstruction). Before `loss.disc_start` a GAN-free step is used: two compiled 
 chosen on the host by step number, never a branch inside jit.
 """
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
