@@ -156,8 +156,8 @@ def measure_step(config, stage: str, repeats: int = 3) -> dict:
 
 
 def plan_steps(config, system: str, budget_s: float, points: int, steps_cap: int) -> dict:
-  """Measures each stage and sets its num_steps (a multiple of `points`) to fill its share
-  of the budget; checkpoints at every curve point are kept."""
+  """Measures each stage and picks its num_steps (a multiple of `points`) to fill its share
+  of the budget."""
   plan = {}
   for stage, share in STAGE_SHARES[system].items():
     m = measure_step(config, stage)
@@ -168,6 +168,16 @@ def plan_steps(config, system: str, budget_s: float, points: int, steps_cap: int
     steps = max(points * 2, steps)
     if steps_cap:
       steps = min(steps, max(points * 2, steps_cap // points * points))
+    plan[stage] = {**m, "num_steps": steps}
+    log(f"{system}/{stage}: {m['sec_per_step']:.3f} s/step, "
+        f"{m['train_flops_per_image'] / 1e9:.3f} GFLOP/image -> {steps} steps")
+  return plan
+
+
+def apply_plan(config, plan: dict, points: int) -> None:
+  """Sets each stage's steps; checkpoints at every curve point are kept."""
+  for stage, p in plan.items():
+    steps = p["num_steps"]
     train = config.train if stage == AUTOENCODER else config[stage].train
     optim = config.optim if stage == AUTOENCODER else config[stage].optim
     train.update(num_steps=steps, checkpoint_every=steps // points, eval_every=steps,
@@ -178,10 +188,6 @@ def plan_steps(config, system: str, budget_s: float, points: int, steps_cap: int
       config.train.update(eval_max_examples=1000, num_eval_images=8)
     else:
       config[stage].sample.update(num_samples=16, steps=min(25, config[stage].sample.steps))
-    plan[stage] = {**m, "num_steps": steps}
-    log(f"{system}/{stage}: {m['sec_per_step']:.3f} s/step, "
-        f"{m['train_flops_per_image'] / 1e9:.3f} GFLOP/image -> {steps} steps")
-  return plan
 
 
 def _final_step(workdir: str, stage: str):
@@ -195,9 +201,9 @@ def _final_step(workdir: str, stage: str):
     c.close()
 
 
-def train_system(config, workdir: str, times: dict) -> None:
+def train_system(config, workdir: str, times: dict, on_stage=lambda: None) -> None:
   """run(config, workdir) stage by stage, timing each (wall and process CPU seconds); a stage
-  already trained keeps the time measured when it was."""
+  already trained keeps the time measured when it was. `on_stage()` after each stage."""
   checks.check_stages(config)
   mesh = sharding.make_mesh(config.mesh)
   workdir_lib.write_config(config, workdir)
@@ -211,6 +217,7 @@ def train_system(config, workdir: str, times: dict) -> None:
     else:
       stage_diffusion.run_diffusion(config, stage, workdir, mesh)
     times[stage] = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+    on_stage()
     log(f"trained {workdir}/{stage}: {times[stage]['wall_s']:.0f} s")
 
 
@@ -504,21 +511,21 @@ def main(argv=None):
   times = json.load(open(times_path, encoding="utf-8")) if os.path.exists(times_path) else {}
   budget_s = args.budget_minutes * 60
 
-  configs, plans = {}, {}
-  for system in systems:
-    configs[system] = system_config(system, args.preset, args.data_dir)
-    saved = os.path.join(args.out, system, workdir_lib.CONFIG_FILE)
-    if os.path.exists(saved):  # a resumed comparison keeps its plan
-      configs[system] = workdir_lib.read_config(os.path.join(args.out, system))
-      plans[system] = times.get(f"{system}_plan")
-    if not plans.get(system):
-      plans[system] = plan_steps(configs[system], system, budget_s, args.points, args.steps_cap)
-      times[f"{system}_plan"] = plans[system]
-  for system in systems:
-    t = times.setdefault(system, {})
-    train_system(configs[system], os.path.join(args.out, system), t)
+  def save_times():
     with open(times_path, "w", encoding="utf-8") as f:
       json.dump(times, f, indent=2)
+
+  configs, plans = {}, {}
+  for system in systems:  # a resumed comparison keeps its plan
+    configs[system] = system_config(system, args.preset, args.data_dir)
+    plans[system] = times.get(f"{system}_plan") or plan_steps(
+        configs[system], system, budget_s, args.points, args.steps_cap)
+    apply_plan(configs[system], plans[system], args.points)
+    times[f"{system}_plan"] = plans[system]
+    save_times()
+  for system in systems:
+    t = times.setdefault(system, {})
+    train_system(configs[system], os.path.join(args.out, system), t, save_times)
   control = None
   if args.no_aug_control and "cascade" in systems:
     control = copy.deepcopy(configs["cascade"])
@@ -530,9 +537,7 @@ def main(argv=None):
     if not os.path.isdir(os.path.join(control_dir, base)):
       shutil.copytree(os.path.join(args.out, "cascade", base), os.path.join(control_dir, base))
     t = times.setdefault("cascade_noaug", {base: times["cascade"][base]})
-    train_system(control, control_dir, t)
-    with open(times_path, "w", encoding="utf-8") as f:
-      json.dump(times, f, indent=2)
+    train_system(control, control_dir, t, save_times)
 
   log("training the judge (classifier) ...")
   data_cfg = configs[systems[0]].data

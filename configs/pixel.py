@@ -44,7 +44,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   if preset == "default":
     c.pixel.unet.update(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
                         attention_levels=(2,))
-    c.pixel.train.update(batch_size=32, num_steps=1500, eval_every=500, checkpoint_every=500)
+    c.pixel.train.update(batch_size=32, num_steps=1500, eval_every=1500, checkpoint_every=500)
   elif preset == "smoke":
     c.pixel.unet.update(model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
                         attention_levels=(2,), num_head_channels=16, num_groups=8)

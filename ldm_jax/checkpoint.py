@@ -74,6 +74,7 @@ def restore_eval_params(directory: str, step: Optional[int] = None,
   The tree comes from the checkpoint's own metadata, so no model or optimizer has to be built
   to restore it (the optimizer state is never read).
   """
+  directory = os.path.abspath(directory)
   ckpt = Checkpointer(directory, async_save=False)
   try:
     step = ckpt.latest_step() if step is None else step

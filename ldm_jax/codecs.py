@@ -74,3 +74,8 @@ class LatentCodec:
 def upsample_condition(lowres_images: jax.Array, size: int) -> jax.Array:
   """The low-resolution conditioning of a super-resolution stage at its own size."""
   return resize(jnp.asarray(lowres_images, jnp.float32), size)
+
+
+def with_scale(codec, scale: float):
+  """The same codec with another latent scale (pixel codecs have none)."""
+  return dataclasses.replace(codec, scale=float(scale)) if codec.kind == "latent" else codec

@@ -1,7 +1,6 @@
 """A stage's parts from a config and a workdir: its codec (with the frozen autoencoder's
 parameters), its denoiser, and its trained parameters. Used by sampling and by training (a
 diffusion stage loads the autoencoder that stage 1 saved), so both build the same models."""
-import dataclasses
 import json
 import os
 from typing import Any, NamedTuple, Optional
@@ -107,7 +106,3 @@ def load_stage(config: ml_collections.ConfigDict, workdir: str, stage: str,
                       tokenizer_of(config, stage, workdir, meta))
   return StageParts(stage, codec, codec_params, model, params, make_schedule(config[stage]), meta)
 
-
-def with_scale(codec, scale: float):
-  """The same codec with another latent scale (pixel codecs have none)."""
-  return dataclasses.replace(codec, scale=float(scale)) if codec.kind == "latent" else codec

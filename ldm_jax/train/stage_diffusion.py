@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 
 from ldm_jax import data as data_lib
-from ldm_jax import load, sharding
+from ldm_jax import codecs, load, sharding
 from ldm_jax import workdir as workdir_lib
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.evaluation import images as image_io
@@ -59,7 +59,7 @@ def with_captions(batches, tokenizer: Tokenizer, class_names, max_length: int, s
 
 def estimate_latent_scale(codec, codec_params, batches, num_batches: int, mesh) -> float:
   """1 / std of unscaled posterior samples over `num_batches` global batches (all processes)."""
-  unit = load.with_scale(codec, 1.0)
+  unit = codecs.with_scale(codec, 1.0)
 
   @jax.jit
   def moments(params, images, rng):
@@ -134,7 +134,7 @@ def run_diffusion(config: ml_collections.ConfigDict, stage: str, workdir: str, m
     else:
       scale = estimate_latent_scale(codec, codec_params, batches,
                                     block.diffusion.scale_batches, mesh)
-    codec = load.with_scale(codec, scale)
+    codec = codecs.with_scale(codec, scale)
     block.diffusion.latent_scale = scale
     workdir_lib.write_config(config, workdir)
   else:
