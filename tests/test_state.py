@@ -25,3 +25,12 @@ def test_ema_tracks_only_the_selected_subtree():
   assert set(state.ema_params) == {"w"} and state.ema_params["w"].shape == (2,)
   no_ema = TrainState.create(params, optax.sgd(0.1))
   assert no_ema.ema_params is None and no_ema.eval_params() is params
+
+
+def test_schedule_of_a_run_shorter_than_its_warmup():
+  from ldm_jax.train.state import adam_schedule
+  for decay in ("cosine", "constant"):
+    lr = adam_schedule(1e-3, 100, 20, decay)  # num_steps <= warmup_steps
+    values = np.array([float(lr(s)) for s in range(21)])
+    assert np.all(np.isfinite(values)) and values[0] == 0.0
+    assert values.max() == np.float32(1e-3) and np.argmax(values) == 19

@@ -45,7 +45,9 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def adam_schedule(lr: float, warmup_steps: int, total_steps: int, decay: str = "constant"):
-  """Linear warm-up, then constant or cosine decay (optax schedules)."""
+  """Linear warm-up, then constant or cosine decay (optax schedules). A run shorter than its
+  warm-up (a short run of a preset) warms up over all but its last step instead of failing."""
+  warmup_steps = min(int(warmup_steps), max(int(total_steps) - 1, 1))
   if decay == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(total_steps, 2))
   if decay == "constant":
