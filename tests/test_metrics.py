@@ -80,3 +80,16 @@ def test_bad_shapes_are_user_errors():
     metrics.ssim(jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 8, 8, 3)))
   with pytest.raises(UserError, match="shape"):
     metrics.psnr(jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 8, 8, 1)))
+
+
+def test_frechet_distance_closed_forms():
+  from ldm_jax.evaluation.metrics import frechet_distance
+  x = np.random.default_rng(0).normal(size=(500, 6)) @ np.diag([1, 2, 3, 1, 1, 0.5])
+  shift = np.array([1.0, -2.0, 0.5, 0.0, 0.0, 3.0])
+  # Same covariance: only the means differ.
+  assert frechet_distance(x, x + shift) == pytest.approx(np.sum(shift ** 2), rel=1e-6)
+  # y = 2 (x - mean): tr(S + 4S - 2 * 2S) = tr(S), plus the squared mean.
+  y = 2 * (x - x.mean(0))
+  want = np.trace(np.cov(x, rowvar=False)) + np.sum(x.mean(0) ** 2)
+  assert frechet_distance(x, y) == pytest.approx(want, rel=1e-6)
+  assert abs(frechet_distance(x, x)) < 1e-6
