@@ -47,14 +47,16 @@ from ldm_jax import data as data_lib  # noqa: E402
 from ldm_jax import workdir as workdir_lib  # noqa: E402
 from ldm_jax.checkpoint import Checkpointer  # noqa: E402
 from ldm_jax.config_schema import AUTOENCODER  # noqa: E402
-from ldm_jax.evaluation import images as image_io  # noqa: E402
 from ldm_jax.evaluation.classifier import train_judge  # noqa: E402
 from ldm_jax.evaluation.metrics import frechet_distance  # noqa: E402
 from ldm_jax.models.builders import build_autoencoder  # noqa: E402
-from ldm_jax.pipeline import CascadePipeline, DiffusionPipeline  # noqa: E402
+from ldm_jax.pipeline import CascadePipeline, load_stages  # noqa: E402
 from ldm_jax.train import checks, stage_autoencoder, stage_diffusion  # noqa: E402
 from ldm_jax.train.autoencoder import AutoencoderTask  # noqa: E402
 from ldm_jax.train.diffusion import DiffusionTask  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare_report import figures, markdown  # noqa: E402  pylint: disable=g-import-not-at-top
 
 SYSTEMS = ("ldm", "pixel", "cascade")
 # Share of a system's budget per stage (the default presets' own proportions).
@@ -227,12 +229,9 @@ def count_params(tree) -> int:
 
 def load_pipeline(config, workdir: str, fraction: float):
   """The system's sampler with every diffusion stage at `fraction` of its steps."""
-  stages = []
-  for name in workdir_lib.diffusion_stages(config):
-    step = int(round(config[name].train.num_steps * fraction))
-    stages.append(DiffusionPipeline.from_parts(config, load.load_stage(config, workdir, name,
-                                                                       step)))
-  return stages[0] if len(stages) == 1 else CascadePipeline(stages)
+  names = workdir_lib.diffusion_stages(config)
+  return load_stages(config, workdir, names, {
+      n: int(round(config[n].train.num_steps * fraction)) for n in names})
 
 
 def generate(pipe, labels: np.ndarray, args, seed: int = 0) -> tuple:
@@ -372,114 +371,6 @@ def error_propagation(pipe: CascadePipeline, judge, args, levels) -> dict:
     results[f"aug_{level:g}"] = row
     log(f"error propagation at aug level {level:g}: {row}")
   return results, shown, (base, corrupted, base_other)
-
-
-# ---- figures and tables -------------------------------------------------------------------
-def figures(out: str, results: dict, samples: dict, shown, real: dict) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for system, r in results.items():
-    xs = [p["train_minutes"] for p in r["curve"]]
-    axes[0].plot(xs, [p["class_accuracy"] for p in r["curve"]], "o-", label=system)
-    axes[1].plot(xs, [p["frechet_distance"] for p in r["curve"]], "o-", label=system)
-  axes[0].axhline(real["classifier_test_accuracy"], ls="--", c="gray", label="real test images")
-  axes[1].axhline(real["frechet_distance_train_vs_test"], ls="--", c="gray",
-                  label="real train images")
-  axes[0].set(xlabel="training minutes (2 CPU cores)", ylabel="class accuracy")
-  axes[1].set(xlabel="training minutes (2 CPU cores)", ylabel="Frechet distance (classifier)",
-              yscale="log")
-  for a in axes:
-    a.legend()
-    a.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "quality_vs_time.png"), dpi=100)
-  plt.close(fig)
-
-  panels = []
-  for system in results:
-    images, labels = samples[system]
-    rows = [images[labels == c][:8] for c in range(10)]
-    panels.append(image_io.make_grid(np.concatenate(rows), ncols=8))
-  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 6))
-  for a, p, system in zip(np.atleast_1d(axes), panels, results):
-    a.imshow(p.squeeze(), cmap="gray", interpolation="nearest")
-    a.set_title(system)
-    a.axis("off")
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "samples.png"), dpi=100)
-  plt.close(fig)
-
-  if shown:
-    keys = list(shown)
-    fig, axes = plt.subplots(len(keys), 3, figsize=(6, 2 * len(keys)))
-    for r, key in enumerate(keys):
-      for c, stage_images in enumerate(shown[key][:3]):
-        axes[r, c].imshow(np.asarray(stage_images[0]).squeeze(), cmap="gray", vmin=-1, vmax=1,
-                          interpolation="nearest")
-        axes[r, c].axis("off")
-        if r == 0:
-          axes[r, c].set_title(["base", "SR stage 1", "SR stage 2"][c])
-      axes[r, 0].text(-0.5, 0.5, f"{key[0]}\naug {key[1]}", transform=axes[r, 0].transAxes,
-                      ha="right", va="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "error_propagation.png"), dpi=100)
-    plt.close(fig)
-
-
-def markdown(report: dict) -> str:
-  lines = [f"# Pixel vs cascade vs LDM ({report['budget_minutes']:g} training minutes per "
-           f"system, preset `{report['preset']}`)", "",
-           f"Command: `{report['command']}`", "",
-           "| system | parameters (per model) | train GFLOP / image (per stage) | train "
-           "images/s (per stage) | sampling GFLOP / image | sampling s / image | class "
-           f"accuracy (g={report['guidance']:g}) | Frechet distance | train minutes |",
-           "|---|---|---|---|---|---|---|---|---|"]
-  for system, r in report["systems"].items():
-    per = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in r["parameters"].items())
-    flops = ", ".join(f"{k} {v['train_flops_per_image'] / 1e9:.3f}"
-                      for k, v in r["plan"].items())
-    ips = ", ".join(f"{k} {v:.0f}" for k, v in r["train_images_per_sec"].items())
-    final = r["curve"][-1]
-    lines.append(
-        f"| {system} | {r['parameters_total'] / 1e6:.2f}M ({per}) | {flops} | {ips} | "
-        f"{r['sampling_flops_per_image'] / 1e9:.2f} | {final['sec_per_image']:.4f} | "
-        f"{final['class_accuracy']:.3f} | {final['frechet_distance']:.2f} | "
-        f"{r['train_minutes']:.1f} |")
-  real = report["real"]
-  lines += ["", f"Real data: classifier test accuracy {real['classifier_test_accuracy']:.3f}; "
-            f"Frechet distance of {real['num_images']} training images to the test split "
-            f"{real['frechet_distance_train_vs_test']:.2f}.", "",
-            "## Quality over the budget", "",
-            "| system | train minutes | class accuracy | Frechet distance | samples |",
-            "|---|---|---|---|---|"]
-  for system, r in report["systems"].items():
-    for p in r["curve"]:
-      lines.append(f"| {system} | {p['train_minutes']:.1f} | {p['class_accuracy']:.3f} | "
-                   f"{p['frechet_distance']:.2f} | {p['num_samples']} |")
-  lines += ["", "## Denoising loss, training vs held-out images (final parameters)", "",
-            "| system | stage | train | held-out | gap | ratio |", "|---|---|---|---|---|---|"]
-  for system, r in report["systems"].items():
-    for stage, g in r["loss_gap"].items():
-      lines.append(f"| {system} | {stage} | {g['train']:.5f} | {g['held_out']:.5f} | "
-                   f"{g['gap']:+.5f} | {g['ratio']:.4f} |")
-  prop = report.get("error_propagation", {})
-  if prop:
-    lines += ["", "## Error propagation through the cascade", "",
-              "Survival: the share of a base-sample corruption still present in the 32x32 output "
-              "(L2 at the base resolution; 1 = carried over whole). Wrong class: the share of "
-              "outputs the classifier assigns to the base sample's class instead of the class "
-              "the SR stages were asked for.", "",
-              "| SR stages | aug level | blotch survival | noise survival | wrong class "
-              "survives | wrong class corrected | clean accuracy |",
-              "|---|---|---|---|---|---|---|"]
-    for variant, rows in prop.items():
-      for level, row in rows.items():
-        lines.append(f"| {variant} | {level[4:]} | {row['blotch_survival']:.3f} | "
-                     f"{row['noise_survival']:.3f} | {row['wrong_class_survival']:.3f} | "
-                     f"{row['wrong_class_corrected']:.3f} | {row['final_accuracy_clean']:.3f} |")
-  return "\n".join(lines) + "\n"
 
 
 def main(argv=None):

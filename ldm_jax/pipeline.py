@@ -41,10 +41,17 @@ def from_workdir(workdir: str, step: Optional[int] = None):
   if not names:
     raise UserError(f"{workdir}/{workdir_lib.CONFIG_FILE} is an autoencoder-only run; sampling "
                     "needs a diffusion run (configs/ldm.py, configs/pixel.py, configs/cascade.py)")
-  stages = []
-  for i, name in enumerate(names):
-    parts = load.load_stage(config, workdir, name, step if i == len(names) - 1 else None)
-    stages.append(DiffusionPipeline.from_parts(config, parts))
+  return load_stages(config, workdir, names, {names[-1]: step})
+
+
+def load_stages(config: ml_collections.ConfigDict, workdir: str, names: Sequence[str],
+                steps: Optional[dict] = None):
+  """The diffusion stages `names` of a workdir (each at `steps[name]`, default the latest
+  checkpoint): a DiffusionPipeline for one, a CascadePipeline chaining several."""
+  steps = steps or {}
+  stages = [DiffusionPipeline.from_parts(config, load.load_stage(config, workdir, name,
+                                                                 steps.get(name)))
+            for name in names]
   return stages[0] if len(stages) == 1 else CascadePipeline(stages)
 
 

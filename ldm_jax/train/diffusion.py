@@ -111,6 +111,14 @@ class DiffusionTask:
       return {"tokens": batch["tokens"], "token_mask": batch["token_mask"]}
     return {}
 
+  def _with_lowres(self, cond: dict, z0, level, rng) -> dict:
+    """`cond` plus a super-resolution stage's conditioning: x_0's low-resolution version
+    noised to `level` (int [B]), and the level itself."""
+    low = lowres_condition(z0, self.dc.lowres_resolution)
+    noise = jax.random.normal(rng, low.shape, low.dtype)
+    return {**cond, "aug_level": level,
+            "lowres": diffusion.augment(self.schedule, low, level, noise)}
+
   def make_train_step(self, variant: Any = None):
     dc, sched = self.dc, self.schedule
 
@@ -136,9 +144,7 @@ class DiffusionTask:
       if dc.lowres_resolution:
         r_level, r_aug_noise = jax.random.split(r_aug)
         level = jax.random.randint(r_level, (b,), 0, dc.aug_steps + 1)
-        low = lowres_condition(z0, dc.lowres_resolution)
-        cond = {**cond, "aug_level": level, "lowres": diffusion.augment(
-            sched, low, level, jax.random.normal(r_aug_noise, low.shape, low.dtype))}
+        cond = self._with_lowres(cond, z0, level, r_aug_noise)
       loss, grads = jax.value_and_grad(loss_fn)(state.params, z0, t, noise, cond, r_drop)
       state = state.apply_gradients(grads)
       out = {"loss": loss, "grad_norm": optax.global_norm(grads),
@@ -159,10 +165,7 @@ class DiffusionTask:
     noise = jax.random.normal(r_noise, z0.shape, z0.dtype)
     cond = self.condition(batch)
     if self.dc.lowres_resolution:
-      low = lowres_condition(z0, self.dc.lowres_resolution)
-      level = jnp.full((b,), aug_level, jnp.int32)
-      cond = {**cond, "aug_level": level, "lowres": diffusion.augment(
-          self.schedule, low, level, jax.random.normal(r_aug, low.shape, low.dtype))}
+      cond = self._with_lowres(cond, z0, jnp.full((b,), aug_level, jnp.int32), r_aug)
     out = self.model(params, diffusion.q_sample(self.schedule, z0, t, noise), t, cond)
     return diffusion.diffusion_loss(
         out, diffusion.target(self.schedule, z0, noise, t, self.dc.parameterization))

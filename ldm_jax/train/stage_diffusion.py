@@ -14,7 +14,7 @@ from ldm_jax import workdir as workdir_lib
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.evaluation import images as image_io
 from ldm_jax.models.conditioning import CAPTION_TEMPLATES, Tokenizer, fashion_mnist_captions
-from ldm_jax.pipeline import CascadePipeline, DiffusionPipeline
+from ldm_jax.pipeline import DiffusionPipeline, load_stages
 from ldm_jax.train import stage_autoencoder
 from ldm_jax.train.diffusion import DiffusionTask
 from ldm_jax.train.loop import train_stage
@@ -96,9 +96,7 @@ def _lower_stages(config, stage: str, workdir: str):
   below = names[:names.index(stage)]
   if not config[stage].lowres.stage:
     return None
-  parts = [DiffusionPipeline.from_parts(config, load.load_stage(config, workdir, n))
-           for n in below]
-  return parts[0] if len(parts) == 1 else CascadePipeline(parts)
+  return load_stages(config, workdir, below)
 
 
 def run_diffusion(config: ml_collections.ConfigDict, stage: str, workdir: str, mesh) -> None:
