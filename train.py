@@ -56,7 +56,7 @@ def main(argv):
     sys.exit(f"error: {e}")
   except distributed.Preempted as e:
     logging.warning("%s", e)
-    sys.exit(0)
+    distributed.exit_after_preemption()
 
 
 if __name__ == "__main__":

@@ -1,13 +1,43 @@
 """Orbax CheckpointManager wrapper: async, keep-N, atomic saves of a train state plus JSON
 metadata (data position, latent scale, ...), restored onto any mesh via target shardings."""
+import logging
 import os
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint._src.metadata import array_metadata_store
 
+from ldm_jax import distributed
 from ldm_jax.errors import UserError
+
+DAMAGED = "damaged"  # sub-directory of the checkpoint directory that holds skipped steps
+
+# orbax writes a replicated array as slices split over its replicas ("replica-parallel"); each
+# slice is a small jitted program, compiled on first use: with a model's few hundred parameter
+# shapes that made the first save cost tens of seconds (47 s measured on 2 CPU cores beside a
+# background compile), too slow for a preemption grace period. Slicing pays off only for
+# large arrays, so it is kept for slices of >= 4 MiB (orbax's own handler, one option changed).
+_MIN_REPLICA_SLICE_BYTES = 4 << 20
+_handler_registered = False
+
+
+def _register_array_handler() -> None:
+  global _handler_registered
+  if not _handler_registered:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES,
+            # As orbax's default handler: the per-array metadata files stay written.
+            array_metadata_store=array_metadata_store.Store()), override=True)
+    _handler_registered = True
+
+
+def _reason(e: BaseException) -> str:
+  """The first line of an exception's message (orbax/tensorstore errors run to many lines)."""
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
 
 
 class Checkpointer:
@@ -16,6 +46,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep: int = 3, save_every: int = 1000,
                async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    _register_array_handler()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=save_every,
         enable_async_checkpointing=async_save, create=True)
@@ -37,25 +68,84 @@ class Checkpointer:
                                       meta=ocp.args.JsonSave(meta)), force=force)
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
-    """Restores onto the shardings carried by `abstract_state` (jax.ShapeDtypeStruct leaves)."""
+    """Restores step `step` onto the shardings carried by `abstract_state`
+    (jax.ShapeDtypeStruct leaves); one UserError line naming the step when it cannot."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise UserError(f"no checkpoint found in {self.directory}")
     try:
-      out = self._manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                        meta=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      raise UserError(f"cannot restore checkpoint {self.directory}/{step}: "
-                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+      out = self._restore(abstract_state, step)
+    except Exception as e:  # pylint: disable=broad-except  (tensorstore raises bare Exception)
+      raise UserError(f"cannot restore checkpoint {self.directory}/{step}: {_reason(e)}") from e
     return out.state, out.meta
 
-  def restore_meta(self, step: Optional[int] = None) -> dict:
-    """The JSON metadata of a checkpoint, without reading its arrays."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+  def _restore(self, abstract_state, step):
+    return self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                      meta=ocp.args.JsonRestore()))
+
+  def restore_newest(self, abstract_state: Any, *, quarantine: bool) -> tuple[Any, dict, int]:
+    """(state, meta, step) of the newest checkpoint that restores.
+
+    A step that fails to restore (a truncated, corrupted or missing file) is skipped with one
+    warning naming it and why; with `quarantine` (a run that will write here again) the
+    skipped steps are moved to `<directory>/damaged/<step>` (kept for inspection, out of
+    orbax's way) by process 0. Raises UserError naming the directory when no step restores.
+    """
+    failures = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        out = self._restore(abstract_state, step)
+      except Exception as e:  # pylint: disable=broad-except  (recorded, reported, re-raised)
+        failures.append((step, e))
+        logging.warning("checkpoint %s/%d does not restore (%s); trying an older step",
+                        self.directory, step, _reason(e))
+        continue
+      if failures and quarantine:
+        self._quarantine([s for s, _ in failures])
+      return out.state, out.meta, step
+    if not failures:
       raise UserError(f"no checkpoint found in {self.directory}")
-    out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    step, err = failures[0]
+    raise UserError(f"no checkpoint in {self.directory} restores (newest, step {step}: "
+                    f"{_reason(err)})") from err
+
+  def _quarantine(self, steps) -> None:
+    distributed.barrier("checkpoint_quarantine_read")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.join(self.directory, DAMAGED), exist_ok=True)
+      for step in steps:
+        target = os.path.join(self.directory, DAMAGED, str(step))
+        while os.path.exists(target):
+          target += "_"
+        os.rename(os.path.join(self.directory, str(step)), target)
+        logging.warning("moved the damaged checkpoint step %d to %s", step, target)
+    distributed.barrier("checkpoint_quarantine_done")
+    self._manager.reload()
+
+  def restore_meta(self, step: Optional[int] = None) -> dict:
+    """The JSON metadata of a checkpoint, without reading its arrays (of the newest step whose
+    metadata reads when `step` is None)."""
+    if step is not None:
+      return self._restore_meta(step)
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
+      raise UserError(f"no checkpoint found in {self.directory}")
+    for s in steps[:-1]:
+      try:
+        return self._restore_meta(s)
+      except UserError as e:
+        logging.warning("%s; trying an older step", e)
+    return self._restore_meta(steps[-1])
+
+  def _restore_meta(self, step: int) -> dict:
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except  (re-raised as one line)
+      raise UserError(f"cannot read the metadata of checkpoint {self.directory}/{step}: "
+                      f"{_reason(e)}") from e
+    if out.meta is None:
+      raise UserError(f"checkpoint {self.directory}/{step} has no metadata")
     return out.meta
 
   def wait(self) -> None:
@@ -72,39 +162,58 @@ def restore_eval_params(directory: str, step: Optional[int] = None,
   (or all `params`; parameters-only checkpoints of ldm_jax.convert hold just these).
 
   The tree comes from the checkpoint's own metadata, so no model or optimizer has to be built
-  to restore it (the optimizer state is never read).
+  to restore it (the optimizer state is never read). With `step` None the newest step that
+  restores is used: a damaged newer one is skipped with a warning (and left where it is:
+  reading never writes).
   """
   directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    raise UserError(f"no checkpoint in {directory}")
   ckpt = Checkpointer(directory, async_save=False)
   try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise UserError(f"no checkpoint in {directory}")
+    steps = sorted(ckpt.all_steps(), reverse=True) if step is None else [step]
+  finally:
+    ckpt.close()
+  if not steps:
+    raise UserError(f"no checkpoint in {directory}")
+  for i, s in enumerate(steps):
+    try:
+      return _restore_eval_params(directory, s, ema_key)
+    except UserError as e:
+      if i == len(steps) - 1:
+        raise
+      logging.warning("%s; trying an older step", e)
+  raise AssertionError("unreachable")
+
+
+def _restore_eval_params(directory: str, step: int, ema_key: Optional[str]):
+  ckpt = Checkpointer(directory, async_save=False)
+  try:
     meta = ckpt.restore_meta(step)
   finally:
     ckpt.close()
   path = os.path.join(directory, str(step), "state")
-  tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
-  if tree.get("ema_params") is not None:
-    keys = ("ema_params",)
-  elif ema_key is not None and ema_key in tree["params"]:
-    keys = ("params", ema_key)
-  else:
-    keys = ("params",)
-  sub = tree
-  for k in keys:
-    sub = sub[k]
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), sub)
-  for k in reversed(keys):
-    abstract = {k: abstract}
   try:
+    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
+    if tree.get("ema_params") is not None:
+      keys = ("ema_params",)
+    elif ema_key is not None and ema_key in tree["params"]:
+      keys = ("params", ema_key)
+    else:
+      keys = ("params",)
+    sub = tree
+    for k in keys:
+      sub = sub[k]
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            sub)
+    for k in reversed(keys):
+      abstract = {k: abstract}
     out = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
         item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
         partial_restore=True))
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    raise UserError(f"cannot restore checkpoint {directory}/{step}: "
-                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+  except Exception as e:  # pylint: disable=broad-except  (tensorstore raises bare Exception)
+    raise UserError(f"cannot restore checkpoint {directory}/{step}: {_reason(e)}") from e
   for k in keys:
     out = out[k]
   return out, meta, step

@@ -16,6 +16,7 @@ single process has no coordination service: there a Python SIGTERM handler sets 
 import logging
 import os
 import signal
+import sys
 import threading
 from typing import Optional
 
@@ -104,6 +105,13 @@ class PreemptionWatch:
       return bool(multihost_utils.reached_preemption_sync_point(step))
     return self._flag.is_set()
 
+  def signalled(self) -> bool:
+    """Whether this process got SIGTERM, without agreeing on a step: the loop polls it while
+    it waits for a compile. Multi-process jobs agree through the preemption sync point only,
+    which needs a step, so there this stays False and the signal is honoured at the first
+    step after the compile (the loop compiles later variants ahead, in the background)."""
+    return not self._multi and self._flag.is_set()
+
   def close(self) -> None:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
@@ -114,6 +122,24 @@ class PreemptionWatch:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def exit_after_preemption() -> None:
+  """Exits 0 at once, after a preemption checkpoint is written (and flushed by the loop).
+
+  A step program may still be compiling in the loop's background thread; letting the
+  interpreter finalise under it aborts the process (XLA's compile throws into a dead
+  runtime), and waiting for it is the delay a preemption grace period does not have. So: flush
+  the logs, leave the distributed runtime in order (its shutdown is a barrier of all
+  processes), and `os._exit(0)`.
+  """
+  for handler in logging.getLogger().handlers:
+    handler.flush()
+  if is_multiprocess():
+    jax.distributed.shutdown()
+  for stream in (sys.stdout, sys.stderr):
+    stream.flush()
+  os._exit(0)  # pylint: disable=protected-access
 
 
 _INSTALLED: Optional[PreemptionWatch] = None

@@ -134,6 +134,11 @@ def test_tfds_source_keys(fashion_train, tfds_dir):
     sources.tfds_source('fashion_mnist_local', 'valid', tfds_dir)
   unlabeled = sources.tfds_source('fashion_mnist_local', 'test[:100]', tfds_dir, label_key='')
   assert len(unlabeled) == 100 and unlabeled.num_classes == 0 and unlabeled[3]['label'] == 0
+  # The fingerprint stored with checkpoints: dataset, config, version, split and size.
+  assert unlabeled.fingerprint() == (
+      f'tfds {unlabeled.full_name} [test[:100]]: 100 records')
+  assert unlabeled.full_name.startswith('fashion_mnist_local/')
+  assert fashion_train.fingerprint() != unlabeled.fingerprint()
 
 
 # --- Folder source -------------------------------------------------------------------------------

@@ -110,7 +110,8 @@ def _losses(workdir):
   path = workdir / "autoencoder" / "metrics.jsonl"
   for row in read_jsonl(path) if path.exists() else []:
     if "loss" in row:
-      by_step[row["step"]] = row  # a restarted run's rows replace the earlier ones
+      assert row["step"] not in by_step, f"step {row['step']} logged twice"
+      by_step[row["step"]] = row
   return by_step
 
 
@@ -191,6 +192,24 @@ def test_multiprocess_training_preemption_and_faults(tfds_dir, tmp_path):
     for step, row in reference.items():
       for key in ("loss", "rec_loss", "kl", "nll"):
         assert losses[step][key] == row[key], (step, key)
+
+    # 5. Truncate the data files of the newest checkpoint: both processes fall back to the
+    #    step before it (a warning names the damaged step), move the damaged step aside and
+    #    retrain to the same losses.
+    older = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit() and int(p.name) < STEPS)
+    for f in (ckpts / str(STEPS) / "state").rglob("*"):
+      if f.is_file() and f.parent.name == "d":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    job = Job(run, tfds_dir, cache, 2, 2)
+    jobs.append(job)
+    assert job.wait(600) == [0, 0], job.tail()
+    for log in job.logs:
+      assert f"{ckpts}/{STEPS} does not restore" in log.read_text(), job.tail()
+    assert f"resumed from {ckpts} at step {older}" in job.logs[0].read_text()
+    assert (ckpts / "damaged" / str(STEPS)).is_dir() and (ckpts / str(STEPS)).is_dir()
+    losses = _losses(run)
+    for step, row in reference.items():
+      assert losses[step]["loss"] == row["loss"], step
     print(f"survivor exited {survivor_exit_s:.1f}s after its peer was killed")
   finally:
     for job in jobs:

@@ -89,10 +89,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tfds_dir, tmp_path):
   assert done.returncode == 0, done.stderr[-3000:]
 
   def losses(workdir):
-    by_step = {}
-    for row in read_jsonl(workdir / "autoencoder" / "metrics.jsonl"):
-      if "loss" in row:
-        by_step[row["step"]] = row  # the restarted run's rows replace the killed run's
+    rows = [r for r in read_jsonl(workdir / "autoencoder" / "metrics.jsonl") if "loss" in r]
+    by_step = {row["step"]: row for row in rows}
+    assert len(by_step) == len(rows), "a step logged twice"  # resume drops the killed rows
     return by_step
   a, b = losses(killed), losses(straight)
   assert sorted(b) == list(range(1, steps + 1))
@@ -120,3 +119,33 @@ def test_config_errors_name_the_key(tfds_dir, tmp_path):
   bad = subprocess.run(_train_cmd(tmp_path / "x", "--config.train.not_a_key=1"),
                        capture_output=True, text=True)
   assert bad.returncode != 0 and "not_a_key" in bad.stderr
+
+
+def test_sigterm_while_a_step_compiles_saves_within_seconds(tfds_dir, tmp_path):
+  """The GAN step (loss.disc_start=2) compiles in the background while steps 1-2 run; the
+  loop then waits for it, and a SIGTERM during that wait saves step 2 and exits 0 at once."""
+  overrides = [f"--config.data.data_dir={tfds_dir}", "--config.autoencoder.ch=16",
+               "--config.autoencoder.num_groups=8", "--config.discriminator.ndf=24",
+               "--config.train.num_steps=6", "--config.train.log_every=1",
+               "--config.train.checkpoint_every=100", "--config.train.eval_every=1000",
+               "--config.train.eval_max_examples=64", "--config.train.num_eval_images=4",
+               "--config.loss.disc_start=2", "--config.train.async_checkpoint=false"]
+  log = tmp_path / "train.log"
+  with open(log, "w") as f:
+    proc = subprocess.Popen(_train_cmd(tmp_path / "run", *overrides), stdout=f,
+                            stderr=subprocess.STDOUT)
+  deadline = time.time() + 600
+  while "(variant True) to compile" not in log.read_text():
+    assert proc.poll() is None, log.read_text()[-3000:]
+    assert time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  signalled = time.time()
+  assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+  exit_s = time.time() - signalled
+  text = log.read_text()
+  assert "preempted, saved step" in text, text[-3000:]
+  saved = [int(p.name) for p in (tmp_path / "run" / "autoencoder" / "checkpoints").iterdir()
+           if p.name.isdigit()]
+  assert saved and max(saved) >= 2, saved
+  assert exit_s < 15, f"exited {exit_s:.1f}s after SIGTERM"

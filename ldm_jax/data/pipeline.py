@@ -27,6 +27,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       'eval_split': 'test',
       'data_dir': '',  # '' -> TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
       'folder': '',  # Image folder for source='folder'.
+      # Folder images that do not decode: False -> stop with an error naming the file; True ->
+      # skip them, named once in a warning (ldm_jax/data/folder.py).
+      'skip_bad_images': False,
       'local_dir': '/usr/share/datasets/fashion-mnist',  # Debian dataset-fashion-mnist files.
       'image_key': 'image',
       'label_key': 'label',  # '' -> unlabeled (label 0, num_classes 0).

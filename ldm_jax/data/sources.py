@@ -5,22 +5,21 @@ Every source is a sequence of examples: `len(source)`, `source[i] -> {'image': u
 in `__getitem__`, so a source is cheap to build and can be read from several threads. A source
 with per-image captions (a folder with caption files) also has `captions` (one str per record)
 and adds `'caption': str` to each example; other sources have `captions = None`.
+`fingerprint()` names what a source holds in one line (stored with every checkpoint;
+`compare_fingerprints` words the warning when a resumed run finds other data).
 """
 import operator
 import os
-import pathlib
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 
 from ldm_jax.data import fashion_mnist
+from ldm_jax.data.folder import FolderSource
 from ldm_jax.errors import UserError
 
 SOURCES = ('fashion_mnist', 'tfds', 'folder')
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
-_GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'I;16B', 'I;16L', 'F')
 
 
 def _as_hwc_uint8(image: Any, where: str) -> np.ndarray:
@@ -41,6 +40,7 @@ class TfdsSource:
                label_key: str = 'label'):
     """Wraps `builder`'s `split`; `label_key=''` means unlabeled (label 0, num_classes 0)."""
     self.name = builder.name
+    self.full_name = builder.info.full_name
     self.split = split
     self.captions = None
     self.image_key = image_key
@@ -94,6 +94,10 @@ class TfdsSource:
     label = int(example[self.label_key]) if self.label_key else 0
     return {'image': image, 'label': label}
 
+  def fingerprint(self) -> str:
+    """The dataset's name, config and version, the split and its number of records."""
+    return f'tfds {self.full_name} [{self.split}]: {len(self)} records'
+
   def __repr__(self) -> str:
     return f'TfdsSource({self.name}, split={self.split!r}, records={len(self)})'
 
@@ -144,97 +148,18 @@ def tfds_source(name: str, split: str = 'train', data_dir: str | os.PathLike | N
   return TfdsSource(builder, split, image_key=image_key, label_key=label_key)
 
 
-class FolderSource:
-  """Images under a folder; each sub-folder is a class (sorted names -> ids 0, 1, ...).
-
-  A folder without sub-folders is one unlabeled set (label 0, num_classes 0). Files are found
-  recursively inside each class folder; hidden files and folders are ignored; the order is
-  sorted, so it is the same on every host.
-
-  Captions: a text file beside an image with the same stem (`cat/001.jpg` -> `cat/001.txt`,
-  UTF-8, surrounding whitespace stripped) is that image's caption. When any image has one,
-  `captions` lists them all, '' for images without a file (those train the unconditional model,
-  like condition dropout); otherwise `captions` is None.
-  """
-
-  def __init__(self, path: str | os.PathLike):
-    self.path = pathlib.Path(path)
-    self.name = f'folder:{self.path}'
-    if not self.path.is_dir():
-      raise UserError(f'data.folder={os.fspath(path)!r} is not a directory')
-    subdirs = sorted(p for p in self.path.iterdir() if p.is_dir() and not _hidden(p.name))
-    root_files = _images_in(self.path, recursive=False)
-    per_class = [(d.name, _images_in(d, recursive=True)) for d in subdirs]
-    per_class = [(cls, files) for cls, files in per_class if files]
-    if per_class and root_files:
-      raise UserError(f'data.folder {self.path} mixes images in its root ({root_files[0]}, ...) '
-                      f'with class sub-folders; move them into a sub-folder')
-    if per_class:
-      self.class_names = [cls for cls, _ in per_class]
-      self.files = [f for _, files in per_class for f in files]
-      self.labels = [i for i, (_, files) in enumerate(per_class) for _ in files]
-    else:
-      self.class_names = []
-      self.files = root_files
-      self.labels = [0] * len(root_files)
-    self.num_classes = len(self.class_names)
-    if not self.files:
-      raise UserError(f'data.folder {self.path} holds no {"/".join(IMAGE_EXTENSIONS)} images')
-    caption_files = [f.with_suffix('.txt') for f in self.files]
-    present = [c.is_file() for c in caption_files]
-    self.captions = None
-    if any(present):
-      self.captions = [read_caption(c) if ok else '' for c, ok in zip(caption_files, present)]
-
-  def __len__(self) -> int:
-    return len(self.files)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    index = operator.index(index)
-    if not 0 <= index < len(self.files):
-      raise IndexError(f'index {index} out of range for {len(self.files)} files')
-    example = {'image': load_image(self.files[index]), 'label': self.labels[index]}
-    if self.captions is not None:
-      example['caption'] = self.captions[index]
-    return example
-
-  def __repr__(self) -> str:
-    return f'FolderSource({self.path}, files={len(self)}, classes={self.num_classes})'
-
-
-def _hidden(name: str) -> bool:
-  return name.startswith('.')
-
-
-def _images_in(folder: pathlib.Path, recursive: bool) -> list[pathlib.Path]:
-  files = folder.rglob('*') if recursive else folder.iterdir()
-  return sorted(
-      f for f in files
-      if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
-      and not any(_hidden(part) for part in f.relative_to(folder).parts))
-
-
-def load_image(path: str | os.PathLike) -> np.ndarray:
-  """Decodes an image file to uint8 [H, W, 1] (grayscale modes) or [H, W, 3] (others)."""
-  try:
-    with Image.open(path) as image:
-      image = image.convert('L' if image.mode in _GRAY_MODES else 'RGB')
-  except (OSError, ValueError, Image.DecompressionBombError) as e:
-    raise UserError(f'Cannot decode image {path}: {e}') from e
-  return _as_hwc_uint8(image, os.fspath(path))
-
-
-def read_caption(path: pathlib.Path) -> str:
-  """The stripped UTF-8 text of a caption file."""
-  try:
-    return path.read_text(encoding='utf-8').strip()
-  except (OSError, UnicodeDecodeError) as e:
-    raise UserError(f'Cannot read caption file {path}: {e}') from e
-
-
-def folder_source(path: str | os.PathLike) -> FolderSource:
+def folder_source(path: str | os.PathLike, skip_bad_images: bool = False) -> FolderSource:
   """Images under `path` (see `FolderSource`)."""
-  return FolderSource(path)
+  return FolderSource(path, skip_bad_images=skip_bad_images)
+
+
+def compare_fingerprints(saved: Optional[str], current: Optional[str]) -> Optional[str]:
+  """One line saying that the data changed since a checkpoint, or None when it did not (or
+  when either side has no fingerprint: a checkpoint written before they were stored)."""
+  if not saved or not current or saved == current:
+    return None
+  return (f'the training data changed since the checkpoint (then: {saved}; now: {current}); '
+          'resuming at the same step on different data')
 
 
 def make_source(data_cfg: Any, split: str) -> TfdsSource | FolderSource:
@@ -250,5 +175,5 @@ def make_source(data_cfg: Any, split: str) -> TfdsSource | FolderSource:
   if source == 'folder':
     if not data_cfg.folder:
       raise UserError("data.source='folder' needs data.folder (a directory of images)")
-    return folder_source(data_cfg.folder)
+    return folder_source(data_cfg.folder, data_cfg.get('skip_bad_images', False))
   raise UserError(f'data.source={source!r} is not one of {list(SOURCES)}')

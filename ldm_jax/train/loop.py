@@ -18,8 +18,10 @@ first bad step (`train.nonfinite='stop'`) or logs the skipped steps ('skip'). A 
 written only after the flags up to its step are read and the state is checked to be finite.
 After every step all processes ask `PreemptionWatch` whether to save and exit (SIGTERM).
 """
+import concurrent.futures
 import logging
 import os
+import threading
 from typing import Any, Callable, Iterator, Optional
 
 import jax
@@ -29,6 +31,7 @@ from clu import periodic_actions
 
 from ldm_jax import distributed, platform, sharding
 from ldm_jax.checkpoint import Checkpointer, abstract_like
+from ldm_jax.data import compare_fingerprints
 from ldm_jax.errors import UserError
 from ldm_jax.train.state import all_finite, keep_if_not
 from ldm_jax.train.writers import create_writer
@@ -71,9 +74,23 @@ def guarded_step(step_fn):
   return step
 
 
+class CompileInterrupted(Exception):
+  """A preemption signal arrived while the loop waited for a step program to compile."""
+
+
 class StepCompiler:
   """Compiles each (guarded) step variant once, ahead of time, with explicit shardings and
-  donation of the state."""
+  donation of the state.
+
+  `start(variants)` compiles the variants a run will use in a background thread, in order, so
+  that a variant needed mid-run (the GAN step at loss.disc_start) is usually ready when its
+  first step comes; `get(variant, interrupted)` waits for one, polling `interrupted()` so that
+  a preemption signal is honoured within a fraction of a second instead of after a compile
+  that can take minutes (XLA compiles outside the GIL; the thread is a daemon, so an exit
+  does not wait for a compile nobody needs any more).
+  """
+
+  POLL_S = 0.2
 
   def __init__(self, task, abstract_state, state_shardings, batch_abstract, mesh,
                constants=(), compiler_options=None):
@@ -88,15 +105,53 @@ class StepCompiler:
         (repl,) * len(constants))
     self._out_shardings = (state_shardings, repl, repl)
     self._compiled = {}
+    self._futures = {}
+
+  def _compile(self, variant):
+    fn = jax.jit(guarded_step(self._task.make_train_step(variant)),
+                 in_shardings=self._in_shardings,
+                 out_shardings=self._out_shardings, donate_argnums=0)
+    logging.info("compiling %s step (variant %r)", self._task.name, variant)
+    return fn.lower(*self._args).compile(self._options)
+
+  def start(self, variants) -> None:
+    """Compiles `variants` (in this order) in one background thread."""
+    pending = [v for v in variants if v not in self._futures]
+    for v in pending:
+      self._futures[v] = concurrent.futures.Future()
+
+    def work():
+      for v in pending:
+        future = self._futures[v]
+        try:
+          future.set_result(self._compile(v))
+        except BaseException as e:  # pylint: disable=broad-except  (handed to the waiter)
+          future.set_exception(e)
+    threading.Thread(target=work, name=f"compile_{self._task.name}", daemon=True).start()
+
+  def get(self, variant, interrupted: Callable[[], bool] = lambda: False):
+    """The compiled program of `variant`; raises CompileInterrupted if `interrupted()` turns
+    True while it is still compiling."""
+    if variant in self._compiled:
+      return self._compiled[variant]
+    if variant not in self._futures:
+      self.start([variant])
+    future = self._futures[variant]
+    if not future.done():
+      logging.info("%s: waiting for the step program (variant %r) to compile",
+                   self._task.name, variant)
+    while True:
+      try:
+        compiled = future.result(timeout=self.POLL_S)
+        break
+      except concurrent.futures.TimeoutError:
+        if interrupted():
+          raise CompileInterrupted(variant) from None
+    self._compiled[variant] = compiled
+    return compiled
 
   def __call__(self, variant):
-    if variant not in self._compiled:
-      fn = jax.jit(guarded_step(self._task.make_train_step(variant)),
-                   in_shardings=self._in_shardings,
-                   out_shardings=self._out_shardings, donate_argnums=0)
-      logging.info("compiling %s step (variant %r)", self._task.name, variant)
-      self._compiled[variant] = fn.lower(*self._args).compile(self._options)
-    return self._compiled[variant]
+    return self.get(variant)
 
 
 class _FiniteFlags:
@@ -164,17 +219,21 @@ def train_stage(task, *, train_cfg, seed: int, image_shape: tuple[int, int], sta
                                                      None))
   shardings = sharding.state_shardings(abstract, mesh, rules, min_size)
   meta = {"global_batch": int(tc.batch_size), "seed": int(seed), **(meta or {})}
-  start = ckpt.latest_step()
-  if start is None:
+  if ckpt.latest_step() is None:
     state = init_state(task, init_rng, shardings)
     start = 0
   else:
     # Elastic: the target shardings are this run's mesh, whatever mesh wrote the checkpoint.
-    state, saved = ckpt.restore(abstract_like(abstract, shardings), start)
+    # A damaged newest step falls back to the newest one that restores (never to step 0).
+    state, saved, start = ckpt.restore_newest(abstract_like(abstract, shardings),
+                                              quarantine=True)
     for key, name in (("global_batch", f"{train_key}.batch_size"), ("seed", "seed")):
       if saved.get(key) != meta[key]:
         raise UserError(f"config.{name}={meta[key]} differs from {saved.get(key)} in the "
                         f"checkpoint {ckpt.directory}/{start}; the data stream would not resume")
+    changed = compare_fingerprints(saved.get("data_fingerprint"), meta.get("data_fingerprint"))
+    if changed:
+      logging.warning("%s: %s (checkpoint %s/%d)", task.name, changed, ckpt.directory, start)
     logging.info("%s: resumed from %s at step %d", task.name, ckpt.directory, start)
 
   num_steps = int(tc.num_steps)
@@ -189,7 +248,7 @@ def train_stage(task, *, train_cfg, seed: int, image_shape: tuple[int, int], sta
   batch_sh = sharding.batch_sharding(mesh)
   step_rng = sharding.replicate(step_rng, mesh)
 
-  writer = create_writer(stage_dir)
+  writer = create_writer(stage_dir, resume_step=start)
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_secs=tc.progress_every_secs)]
   if tc.profile and jax.process_index() == 0:
@@ -201,14 +260,48 @@ def train_stage(task, *, train_cfg, seed: int, image_shape: tuple[int, int], sta
   own_watch = watch is None
   if own_watch:
     watch = distributed.PreemptionWatch()
+
+  def log(done):
+    nonlocal accumulated, scalars
+    flags.check()
+    if accumulated is None:
+      return
+    scalars = {k: float(v) for k, v in accumulated.compute().items()}
+    accumulated = None
+    # flags.check() has vouched for every step's metrics; only a 'skip' window of skipped
+    # steps alone averages 0 / 0.
+    scalars = {k: v for k, v in scalars.items() if np.isfinite(v)}
+    if scalars:
+      writer.write_scalars(done, scalars)
+
+  def preempt(done, saved):
+    if not saved:
+      # The guarded step never lets a non-finite update into the state; checking it on the
+      # host here avoids compiling `finite_fn` while the clock of a grace period runs.
+      if not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(
+          jax.tree.map(jax.device_get, state)) if np.issubdtype(np.asarray(x).dtype,
+                                                                 np.floating)):
+        raise FloatingPointError(f"the train state at step {done} is not finite")
+      ckpt.save(done, state, meta, force=True)
+    ckpt.wait()
+    logging.warning("%s: preempted, saved step %d", task.name, done)
+    return distributed.Preempted(done, ckpt.directory)
+
+  saved_step = start if ckpt.latest_step() == start else None
   try:
-    compile_step(task.step_variant(start))
-    distributed.barrier(f"{task.name}_first_step")
+    # Every variant this run will use, compiled in the background in order of first use.
+    compile_step.start(dict.fromkeys(task.step_variant(s) for s in range(start, num_steps)))
     for step in range(start, num_steps):
+      try:
+        step_fn = compile_step.get(task.step_variant(step), watch.signalled)
+      except CompileInterrupted:
+        log(step)
+        raise preempt(step, saved_step == step) from None
+      if step == start:
+        distributed.barrier(f"{task.name}_first_step")
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = sharding.put_batch(next(stream), batch_sh)
-        state, step_metrics, ok = compile_step(task.step_variant(step))(state, batch, step_rng,
-                                                                        *constants)
+        state, step_metrics, ok = step_fn(state, batch, step_rng, *constants)
       flags.add(step + 1, ok)
       accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
       done = step + 1
@@ -217,23 +310,15 @@ def train_stage(task, *, train_cfg, seed: int, image_shape: tuple[int, int], sta
       preempted = watch.reached(done)
       saving = done % tc.checkpoint_every == 0 or done == num_steps or preempted
       if done % tc.log_every == 0 or saving:
-        flags.check()
-        scalars = {k: float(v) for k, v in accumulated.compute().items()}
-        accumulated = None
-        # flags.check() has vouched for every step's metrics; only a 'skip' window of skipped
-        # steps alone averages 0 / 0.
-        scalars = {k: v for k, v in scalars.items() if np.isfinite(v)}
-        if scalars:
-          writer.write_scalars(done, scalars)
+        log(done)
       if on_eval is not None and not preempted and (done % tc.eval_every == 0
                                                     or done == num_steps):
         on_eval(state, done, writer)
       if saving:
         _save(ckpt, done, state, meta, finite_fn)
+        saved_step = done
       if preempted:
-        ckpt.wait()
-        logging.warning("%s: preempted, saved step %d", task.name, done)
-        raise distributed.Preempted(done, ckpt.directory)
+        raise preempt(done, saved=True)
   finally:
     if own_watch:
       watch.close()

@@ -80,7 +80,8 @@ def run_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
   state, _ = train_stage(task, train_cfg=config.train, seed=config.seed,
                          image_shape=(config.data.image_size, config.data.channels),
                          stage_dir=stage_dir, mesh=mesh,
-                         batches=train_batches(config, train_source), on_eval=on_eval)
+                         batches=train_batches(config, train_source), on_eval=on_eval,
+                         meta={"data_fingerprint": train_source.fingerprint()})
   previous = read_summary(workdir).get("autoencoder", {})
   if previous.get("steps") != int(state.step):  # not yet evaluated at this step
     summary = evaluate_autoencoder(task, state.eval_params(), config, eval_source, mesh)

@@ -144,7 +144,8 @@ def run_diffusion(config: ml_collections.ConfigDict, stage: str, workdir: str, m
                        lowres_resolution=low_res)
   meta = {"latent_scale": scale, "latent_shape": list(codec.shape), "codec": codec.kind,
           "num_classes": num_classes, "class_names": class_names,
-          "tokenizer": tokenizer.to_json() if tokenizer else ""}
+          "tokenizer": tokenizer.to_json() if tokenizer else "",
+          "data_fingerprint": train_source.fingerprint()}
   lower = _lower_stages(config, stage, workdir)
   grids = []
 

@@ -22,9 +22,11 @@ class JsonlWriter(metric_writers.MetricWriter):
   can read without TensorFlow. Non-scalar outputs are left to the TensorBoard writer.
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, resume_step: int = 0):
     self._path = path
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.exists(path):
+      _truncate_history(path, resume_step)
     # Line-buffered: the history survives a killed run up to its last logged step.
     self._file = open(path, "a", encoding="utf-8", buffering=1)
 
@@ -60,13 +62,37 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._file.close()
 
 
-def create_writer(logdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard + logging (+ metrics.jsonl) on process 0; logging only on the others."""
+def _truncate_history(path: str, resume_step: int) -> None:
+  """Keeps the lines of steps <= resume_step: a run killed after its last checkpoint logged
+  steps that the resumed run logs again (one line per step), and a kill can leave a partial
+  last line. Rewritten atomically (temp file + rename)."""
+  kept, dropped = [], 0
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        dropped += 1
+        continue
+      if row.get("step", 0) <= resume_step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+      else:
+        dropped += 1
+  if dropped:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def create_writer(logdir: str, resume_step: int = 0) -> metric_writers.MetricWriter:
+  """TensorBoard + logging (+ metrics.jsonl) on process 0; logging only on the others.
+  `resume_step`: the step the run restarts from; history lines after it are dropped."""
   if jax.process_index() != 0:
     return metric_writers.create_default_writer(logdir, just_logging=True)
   return metric_writers.MultiWriter([
       metric_writers.create_default_writer(logdir, asynchronous=False),
-      JsonlWriter(os.path.join(logdir, "metrics.jsonl"))])
+      JsonlWriter(os.path.join(logdir, "metrics.jsonl"), resume_step)])
 
 
 def read_jsonl(path: str) -> list[dict]:
