@@ -59,5 +59,28 @@ def main(argv):
     distributed.exit_after_preemption()
 
 
+def parse_flags(argv):
+  """absl's parser, with an override of a key the config lacks (`--config.train.nope=1`) as one
+  line naming it and its nearest valid keys instead of a traceback."""
+  try:
+    return FLAGS(argv)
+  except (AttributeError, KeyError):
+    from ldm_jax.train.checks import unknown_key_message
+    config = FLAGS["config"].value
+    if config is None:  # the overrides failed before the flag kept its value: load it again
+      paths = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+      config = FLAGS["config"].parser.parse(paths[-1]) if paths else None
+    for arg in argv[1:]:
+      if arg.startswith("--config."):
+        dotted = arg[len("--config."):].split("=", 1)[0]
+        node = config
+        try:
+          for part in dotted.split("."):
+            node = node[part]
+        except (KeyError, AttributeError, TypeError):
+          sys.exit(f"error: {unknown_key_message(config, dotted)}")
+    raise
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

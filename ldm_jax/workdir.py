@@ -26,6 +26,24 @@ CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 
 
+def ensure_writable(workdir: str) -> str:
+  """The absolute path of a training workdir, created if needed; one line when it is a file,
+  cannot be created, or cannot be written (checked by writing a probe file: permission bits
+  say nothing for root or on read-only mounts)."""
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"--workdir={workdir} is a file, not a directory")
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write_probe_{os.getpid()}")
+    with open(probe, "w", encoding="utf-8"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"--workdir={workdir} is not writable: {e.strerror or e}") from e
+  return path
+
+
 def stage_dir(workdir: str, stage: str) -> str:
   return os.path.join(workdir, stage)
 

@@ -1,4 +1,8 @@
 """Config validation that runs before anything is compiled: one line naming the key."""
+import difflib
+import math
+from typing import Callable, Optional
+
 import ml_collections
 
 from ldm_jax.config_schema import AUTOENCODER, CODECS
@@ -123,3 +127,71 @@ def _check_stage(config, name: str, before: list) -> None:
     if not 0.0 <= block.lowres.aug_max < 1.0 or not 0.0 <= block.lowres.sample_aug_level < 1.0:
       raise UserError(f"config.{name}.lowres.aug_max={block.lowres.aug_max} and "
                       f"sample_aug_level={block.lowres.sample_aug_level} must be in [0, 1)")
+
+
+# Ranges of numeric keys, by their last two components (block.key), wherever the block sits
+# (the autoencoder's top-level blocks or a diffusion stage's). Every float must be finite.
+_POSITIVE = ("positive", lambda v: v > 0)
+_NONNEGATIVE = (">= 0", lambda v: v >= 0)
+_FRACTION = ("in [0, 1)", lambda v: 0 <= v < 1)
+_OPEN_UNIT = ("in (0, 1)", lambda v: 0 < v < 1)
+_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
+    **{f"optim.{k}": _POSITIVE for k in ("lr", "disc_lr", "eps")},
+    **{f"optim.{k}": _FRACTION for k in ("b1", "b2", "ema_decay")},
+    **{f"optim.{k}": _NONNEGATIVE for k in ("warmup_steps", "weight_decay", "grad_clip")},
+    **{f"loss.{k}": _NONNEGATIVE for k in ("disc_factor", "disc_weight", "kl_weight",
+                                           "perceptual_weight", "disc_start")},
+    "diffusion.beta_start": _OPEN_UNIT, "diffusion.beta_end": _OPEN_UNIT,
+    "diffusion.num_timesteps": _POSITIVE, "diffusion.scale_batches": _POSITIVE,
+    "diffusion.latent_scale": _NONNEGATIVE, "diffusion.min_snr_gamma": _NONNEGATIVE,
+    "conditioning.drop_prob": _FRACTION, "autoencoder.dropout": _FRACTION,
+    "unet.dropout": _FRACTION, "unet.norm_eps": _POSITIVE,
+    "lowres.aug_max": _FRACTION, "lowres.sample_aug_level": _FRACTION,
+    **{f"train.{k}": _POSITIVE for k in ("batch_size", "num_steps", "checkpoint_every",
+                                         "log_every", "eval_every", "eval_batch_size",
+                                         "keep_checkpoints", "progress_every_secs")},
+    **{f"train.{k}": _NONNEGATIVE for k in ("eval_max_examples", "num_eval_images")},
+    "sample.steps": _POSITIVE, "sample.num_samples": _POSITIVE, "sample.eta": _NONNEGATIVE,
+    **{f"data.{k}": _POSITIVE for k in ("image_size", "channels", "num_threads", "prefetch")},
+    **{f"unet.{k}": _POSITIVE for k in ("model_channels", "num_res_blocks", "num_groups",
+                                        "num_heads")},
+    **{f"autoencoder.{k}": _POSITIVE for k in ("ch", "num_res_blocks", "num_groups",
+                                               "z_channels", "embed_dim")},
+    "seed": _NONNEGATIVE,
+}
+
+
+def flat_items(config, prefix: str = ""):
+  """(dotted key, value) of every leaf of a ConfigDict."""
+  for key, value in config.items():
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      yield from flat_items(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def check_numbers(config: ml_collections.ConfigDict) -> None:
+  """Every float finite, and the numeric keys of `_RANGES` in range: caught here, before
+  anything compiles, instead of as a NaN after the first step or a silent divergence."""
+  for key, value in flat_items(config):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      continue
+    if isinstance(value, float) and not math.isfinite(value):
+      raise UserError(f"config.{key}={value} must be a finite number")
+    rule = _RANGES.get(".".join(key.split(".")[-2:])) or _RANGES.get(key)
+    if rule is not None and not rule[1](value):
+      raise UserError(f"config.{key}={value!r} must be {rule[0]}")
+
+
+def unknown_key_message(config: Optional[ml_collections.ConfigDict], dotted: str) -> str:
+  """One line for an override of a key the config does not have, with the nearest valid
+  keys (a typo is the usual cause)."""
+  message = f"config.{dotted} is not a key of this config"
+  if config is None:
+    return message
+  keys = [k for k, _ in flat_items(config)]
+  near = difflib.get_close_matches(dotted, keys, n=3, cutoff=0.6)
+  if not near:  # a key misspelt in a block that exists: its siblings
+    block = dotted.rsplit(".", 1)[0] + "."
+    near = [k for k in keys if k.startswith(block)][:6]
+  return message + (f"; nearest: {', '.join('config.' + k for k in near)}" if near else "")

@@ -1,5 +1,4 @@
 """Entry point of training: `run(config, workdir)` trains the config's stages in order."""
-import os
 
 import ml_collections
 
@@ -13,7 +12,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Validates the config, builds the mesh, then trains `config.stages` one after another
   (the autoencoder unless a latent stage takes a pretrained one), each resuming from its own
   checkpoints. Returns {stage: summary metrics}, as merged into workdir/summary.json."""
+  workdir = workdir_lib.ensure_writable(workdir)
   config = workdir_lib.migrate(config)
+  checks.check_numbers(config)
   names = workdir_lib.diffusion_stages(config)
   pretrained = [n for n in names if config[n].autoencoder_workdir]
   train_autoencoder = AUTOENCODER in config.stages and not pretrained
@@ -23,7 +24,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   if train_autoencoder:
     sharding.check_batch_size(config.train.batch_size, mesh)
-  workdir = os.path.abspath(workdir)
   workdir_lib.write_config(config, workdir)
   if train_autoencoder:
     stage_autoencoder.run_autoencoder(config, workdir, mesh)
