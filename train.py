@@ -8,10 +8,11 @@ environment: Cloud TPU, SLURM, Open MPI, Kubernetes) or with explicit
 SIGTERM to any process saves a checkpoint at the same step on all of them and exits 0.
 """
 import logging
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from ldm_jax import console  # noqa: E402  (quiet TensorFlow before anything imports it)
+
+console.quiet_environment()
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -40,6 +41,7 @@ def main(argv):
   from ldm_jax import platform  # noqa: E402  (sets XLA flags before jax starts)
   platform.configure()
   platform.quiet_library_logs()
+  console.setup(FLAGS.verbosity)
   from ldm_jax import distributed
   from ldm_jax.errors import UserError
   from ldm_jax.train.run import run

@@ -22,7 +22,25 @@ def smoke_workdir(tfds_dir, tmp_path_factory):
          f"--workdir={workdir}", f"--config.data.data_dir={tfds_dir}"]
   done = subprocess.run(cmd, capture_output=True, text=True)
   assert done.returncode == 0, done.stderr[-4000:]
+  (workdir / "train.stderr").write_text(done.stderr)
   return workdir
+
+
+def test_console_is_readable_when_piped(smoke_workdir):
+  """Piped output: whole lines (no carriage returns), one progress line kind, a line at each
+  stage boundary and a final one; no absl prefixes or library start-up notices."""
+  text = (smoke_workdir / "train.stderr").read_text()
+  assert "\r" not in text
+  lines = text.splitlines()
+  for noise in ("Unable to initialize backend", "dataset_info.json", "OpenCV", "oneDNN",
+                "steps_per_sec", "Setting work unit notes", "] "):
+    assert not any(noise in line for line in lines), (noise, text[-3000:])
+  assert any(line.startswith("== autoencoder: autoencoder, 80 steps") for line in lines), text
+  assert any(line.startswith("autoencoder: 80 steps, checkpoints in ") and "test PSNR" in line
+             for line in lines), text
+  assert any(line.startswith("ldm  step ") and "ETA" in line for line in lines), text
+  assert any(line.startswith("ldm: ") and "final loss" in line for line in lines), text
+  assert lines[-1] == f"done: {smoke_workdir / 'summary.json'}"
 
 
 def test_smoke_run_trains_both_stages(smoke_workdir):

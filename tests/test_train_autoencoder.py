@@ -129,7 +129,8 @@ def test_sigterm_while_a_step_compiles_saves_within_seconds(tfds_dir, tmp_path):
                "--config.train.num_steps=6", "--config.train.log_every=1",
                "--config.train.checkpoint_every=100", "--config.train.eval_every=1000",
                "--config.train.eval_max_examples=64", "--config.train.num_eval_images=4",
-               "--config.loss.disc_start=2", "--config.train.async_checkpoint=false"]
+               "--config.loss.disc_start=2", "--config.train.async_checkpoint=false",
+               "--verbosity=1"]  # INFO: the loop's "waiting for ... to compile" line
   log = tmp_path / "train.log"
   with open(log, "w") as f:
     proc = subprocess.Popen(_train_cmd(tmp_path / "run", *overrides), stdout=f,

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from clu import periodic_actions
 
-from ldm_jax import distributed, platform, sharding
+from ldm_jax import console, distributed, platform, sharding
 from ldm_jax.checkpoint import Checkpointer, abstract_like
 from ldm_jax.data import compare_fingerprints
 from ldm_jax.errors import UserError
@@ -234,7 +234,7 @@ def train_stage(task, *, train_cfg, seed: int, image_shape: tuple[int, int], sta
     changed = compare_fingerprints(saved.get("data_fingerprint"), meta.get("data_fingerprint"))
     if changed:
       logging.warning("%s: %s (checkpoint %s/%d)", task.name, changed, ckpt.directory, start)
-    logging.info("%s: resumed from %s at step %d", task.name, ckpt.directory, start)
+    console.say(f"{task.name}: resumed from {ckpt.directory} at step {start}")
 
   num_steps = int(tc.num_steps)
   if start >= num_steps:
@@ -249,8 +249,9 @@ def train_stage(task, *, train_cfg, seed: int, image_shape: tuple[int, int], sta
   step_rng = sharding.replicate(step_rng, mesh)
 
   writer = create_writer(stage_dir, resume_step=start)
-  hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                           every_secs=tc.progress_every_secs)]
+  progress = console.Progress(task.name, num_steps, start=start,
+                              every_secs=tc.progress_every_secs)
+  hooks = []
   if tc.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=stage_dir, num_profile_steps=5))
   accumulated, scalars = None, {}
@@ -272,7 +273,8 @@ def train_stage(task, *, train_cfg, seed: int, image_shape: tuple[int, int], sta
     # steps alone averages 0 / 0.
     scalars = {k: v for k, v in scalars.items() if np.isfinite(v)}
     if scalars:
-      writer.write_scalars(done, scalars)
+      rate = progress.rate()
+      writer.write_scalars(done, {**scalars, **({"steps_per_sec": rate} if rate else {})})
 
   def preempt(done, saved):
     if not saved:
@@ -311,6 +313,7 @@ def train_stage(task, *, train_cfg, seed: int, image_shape: tuple[int, int], sta
       saving = done % tc.checkpoint_every == 0 or done == num_steps or preempted
       if done % tc.log_every == 0 or saving:
         log(done)
+      progress.update(done, scalars)
       if on_eval is not None and not preempted and (done % tc.eval_every == 0
                                                     or done == num_steps):
         on_eval(state, done, writer)
@@ -320,6 +323,7 @@ def train_stage(task, *, train_cfg, seed: int, image_shape: tuple[int, int], sta
       if preempted:
         raise preempt(done, saved=True)
   finally:
+    progress.close()
     if own_watch:
       watch.close()
     stream.close()

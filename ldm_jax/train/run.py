@@ -1,8 +1,9 @@
 """Entry point of training: `run(config, workdir)` trains the config's stages in order."""
+import os
 
 import ml_collections
 
-from ldm_jax import sharding
+from ldm_jax import console, sharding
 from ldm_jax import workdir as workdir_lib
 from ldm_jax.config_schema import AUTOENCODER
 from ldm_jax.train import checks, stage_autoencoder, stage_diffusion
@@ -26,7 +27,35 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     sharding.check_batch_size(config.train.batch_size, mesh)
   workdir_lib.write_config(config, workdir)
   if train_autoencoder:
+    _announce(config, AUTOENCODER, workdir)
     stage_autoencoder.run_autoencoder(config, workdir, mesh)
+    _report(AUTOENCODER, workdir)
   for name in names:
+    _announce(config, name, workdir)
     stage_diffusion.run_diffusion(config, name, workdir, mesh)
-  return workdir_lib.read_summary(workdir)
+    _report(name, workdir)
+  summary = workdir_lib.read_summary(workdir)
+  console.say(f"done: {os.path.join(workdir, 'summary.json')}")
+  return summary
+
+
+def _announce(config, stage: str, workdir: str) -> None:
+  train = config.train if stage == AUTOENCODER else config[stage].train
+  what = "autoencoder" if stage == AUTOENCODER else f"{config[stage].codec}-space diffusion"
+  console.say(f"== {stage}: {what}, {train.num_steps} steps of batch {train.batch_size} -> "
+              f"{workdir_lib.stage_dir(workdir, stage)}")
+
+
+def _report(stage: str, workdir: str) -> None:
+  """The stage-boundary line: what was trained, where it was saved, its headline metric."""
+  s = workdir_lib.read_summary(workdir).get(stage, {})
+  parts = [f"{stage}: {s.get('steps', '?')} steps, checkpoints in "
+           f"{workdir_lib.checkpoint_dir(workdir, stage)}"]
+  if "test_psnr" in s:
+    parts.append(f"test PSNR {s['test_psnr']:.2f} dB, SSIM {s.get('test_ssim', float('nan')):.3f}"
+                 f" on {s.get('test_examples', '?')} held-out images")
+  if "final_loss" in s:
+    parts.append(f"final loss {s['final_loss']:.4g}")
+  if s.get("sample_grid"):
+    parts.append(f"samples {os.path.join(workdir, s['sample_grid'])}")
+  console.say("; ".join(parts))
