@@ -8,6 +8,11 @@
       stages' conditioning augmentation)
   python sample.py --workdir=runs/sd15 --prompt "an astronaut riding a horse" --guidance=7.5
       (a workdir converted by `python -m ldm_jax.convert`, see docs/STABLE_DIFFUSION.md)
+  python sample.py --workdir=runs/sd15 --prompt "a watercolor fox" --negative_prompt "blurry" \
+      --init_image=fox.png --strength=0.6 [--mask=mask.png] --out=edit.png
+      (image-to-image; with a mask, inpainting: white = repaint; class models take --label)
+  python sample.py --workdir=runs/sd15 --prompts_file=prompts.txt --num_samples=4 --out=rows.png
+      (a row of --num_samples images per line of the file; --per_prompt_files: a file each)
 """
 import os
 import sys
@@ -27,6 +32,21 @@ flags.DEFINE_float("eta", 0.0, "DDIM stochasticity.")
 flags.DEFINE_integer("seed", 0, "Random seed: same seed, same images.")
 flags.DEFINE_integer("label", None, "Class label for every sample (class-conditional models).")
 flags.DEFINE_string("prompt", None, "Text prompt (text-conditional models).")
+flags.DEFINE_string("negative_prompt", None, "Prompt for the unconditional branch of guidance "
+                    "(text models; default: the empty prompt).")
+flags.DEFINE_integer("negative_label", None, "Class label for the unconditional branch of "
+                     "guidance (class-conditional models; default: the null label).")
+flags.DEFINE_string("init_image", None, "Image-to-image: start from this image file (resized "
+                    "to the model's size), noised to --strength.")
+flags.DEFINE_float("strength", None, "With --init_image: the fraction of the --steps schedule "
+                   "that runs (1: all of it, from the image noised to the first timestep); "
+                   "default 0.8.")
+flags.DEFINE_string("mask", None, "With --init_image: inpaint; a mask image file, WHITE = "
+                    "repaint, black = keep (the known region is re-noised at every step).")
+flags.DEFINE_string("prompts_file", None, "A text file with one prompt (class models: a label "
+                    "or class name) per line: a grid with a row of --num_samples images each.")
+flags.DEFINE_boolean("per_prompt_files", False, "With --prompts_file: one PNG per line, "
+                     "<out>_<line index>.png, instead of one grid.")
 flags.DEFINE_boolean("trajectory", False, "Write the decoded z_T ... z_0 of each sample instead.")
 flags.DEFINE_integer("trajectory_frames", 10, "Frames shown per trajectory.")
 flags.DEFINE_enum("timestep_spacing", None, ["leading", "linspace", "trailing"],
@@ -37,32 +57,170 @@ flags.DEFINE_integer("steps_offset", None, "Offset added to 'leading' timesteps 
 flags.DEFINE_float("aug_level", None, "Cascades: noise level of each super-resolution stage's "
                    "low-resolution input, a fraction of the timesteps in [0, 1) (default: the "
                    "stage's lowres.sample_aug_level).")
-flags.DEFINE_string("out", "samples.png", "Output PNG file.")
+flags.DEFINE_string("out", "samples.png", "Output: a grid (.png or .jpg), or every sample in "
+                    "one .npz (images, labels; sampled in batches, restartable).")
+flags.DEFINE_string("out_dir", None, "Write every sample as its own PNG into this folder "
+                    "(sampled in batches; a restarted run skips the batches already there).")
+flags.DEFINE_integer("batch_size", None, "Images per sampling batch (default: sized to the "
+                     "device's memory, at most 256). Batch i samples with a seed drawn from "
+                     "(--seed, i), so the batch size is part of what fixes the images.")
 flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from ldm_jax.errors import UserError
+  try:
+    _check_flags()  # before anything heavy is imported: a bad flag fails at once
+  except UserError as e:
+    sys.exit(f"error: {e}")
   from ldm_jax import platform  # noqa: E402
   platform.configure()
   platform.quiet_library_logs()
-  from ldm_jax.errors import UserError
-  from ldm_jax.evaluation.images import save_png
   from ldm_jax.pipeline import LatentDiffusionPipeline, StepProgress, sample_grid
+  from ldm_jax.sampling_batches import write_image
   try:
     pipe = LatentDiffusionPipeline.from_workdir(FLAGS.workdir)
-    grid = sample_grid(
-        pipe, FLAGS.num_samples, sampler=FLAGS.sampler, steps=FLAGS.steps,
-        guidance=FLAGS.guidance, eta=FLAGS.eta, seed=FLAGS.seed, labels=FLAGS.label,
-        prompt=FLAGS.prompt, timestep_spacing=FLAGS.timestep_spacing,
+    edit = _edit_kwargs(pipe)
+    kwargs = dict(
+        sampler=FLAGS.sampler, steps=FLAGS.steps, guidance=FLAGS.guidance, eta=FLAGS.eta,
+        seed=FLAGS.seed, timestep_spacing=FLAGS.timestep_spacing,
         steps_offset=FLAGS.steps_offset, aug_level=FLAGS.aug_level,
-        trajectory_frames=FLAGS.trajectory_frames if FLAGS.trajectory else 0,
-        progress=StepProgress(FLAGS.steps))
-    save_png(FLAGS.out, grid)
+        negative_prompt=FLAGS.negative_prompt, negative_labels=FLAGS.negative_label,
+        progress=StepProgress(_steps_run(edit)), **edit)
+    if FLAGS.prompts_file:
+      _write_rows(pipe, kwargs)
+      return
+    if FLAGS.per_prompt_files:
+      raise UserError("--per_prompt_files needs --prompts_file")
+    if FLAGS.trajectory:
+      grid = sample_grid(pipe, FLAGS.num_samples, labels=FLAGS.label, prompt=FLAGS.prompt,
+                         trajectory_frames=FLAGS.trajectory_frames, **kwargs)
+    else:
+      grid = _sample_in_batches(pipe, kwargs)
+      if grid is None:
+        return
+    write_image(FLAGS.out, grid)
     print(f"wrote {FLAGS.out}")
   except UserError as e:
     sys.exit(f"error: {e}")
+
+
+def _check_flags() -> None:
+  """Every numeric flag in range and finite, and an output we can write, before anything
+  loads (one line naming the flag)."""
+  import math
+  from ldm_jax.errors import UserError
+  from ldm_jax.sampling_batches import IMAGE_FORMATS
+  at_least = {"num_samples": 1, "steps": 1, "trajectory_frames": 1, "batch_size": 1,
+              "label": 0, "negative_label": 0, "steps_offset": 0}
+  for name, low in at_least.items():
+    value = getattr(FLAGS, name)
+    if value is not None and value < low:
+      raise UserError(f"--{name}={value} must be at least {low}")
+  for name in ("guidance", "eta", "aug_level", "strength"):
+    value = getattr(FLAGS, name)
+    if value is not None and not math.isfinite(value):
+      raise UserError(f"--{name}={value} must be a finite number")
+  if FLAGS.eta < 0:
+    raise UserError(f"--eta={FLAGS.eta} must be at least 0")
+  if FLAGS.aug_level is not None and not 0 <= FLAGS.aug_level < 1:
+    raise UserError(f"--aug_level={FLAGS.aug_level} must be in [0, 1)")
+  if not 0 <= FLAGS.seed < 2**32:
+    raise UserError(f"--seed={FLAGS.seed} must be in [0, 2^32)")
+  ext = os.path.splitext(FLAGS.out)[1].lower()
+  if ext != ".npz" and ext not in IMAGE_FORMATS:
+    raise UserError(f"--out={FLAGS.out}: unknown extension {ext or '(none)'!r}: a grid "
+                    f"({', '.join(sorted(IMAGE_FORMATS))}) or every sample in one .npz")
+  streamed = FLAGS.out_dir is not None or ext == ".npz"
+  if streamed and (FLAGS.trajectory or FLAGS.prompts_file):
+    raise UserError("--out_dir and --out=*.npz write plain samples: drop --trajectory and "
+                    "--prompts_file")
+
+
+def _sample_in_batches(pipe, kwargs: dict):
+  """The samples in batches (--batch_size): the grid for --out=*.png/jpg, else None after
+  streaming them to --out_dir (PNGs) or --out=*.npz, skipping batches already there."""
+  import numpy as np
+  from ldm_jax import sampling_batches as sb
+  from ldm_jax.evaluation.images import make_grid
+  kwargs = dict(kwargs)
+  seed, step_progress = kwargs.pop("seed"), kwargs.pop("progress")
+  batch_size = FLAGS.batch_size or sb.default_batch_size(pipe, FLAGS.num_samples)
+  plan = sb.BatchPlan(FLAGS.num_samples, batch_size, seed)
+  if plan.num_batches == 1:
+    kwargs["progress"] = step_progress
+  progress = sb.BatchProgress() if plan.num_batches > 1 else None
+  if FLAGS.out_dir is None and not FLAGS.out.endswith(".npz"):
+    images = [batch for _, batch, _ in sb.sample_batches(
+        pipe, plan, labels=FLAGS.label, prompt=FLAGS.prompt, batch_progress=progress,
+        **kwargs)]
+    n = FLAGS.num_samples
+    return make_grid(np.concatenate(images), ncols=int(np.ceil(np.sqrt(n))))
+  named = {k: v for k, v in kwargs.items() if k not in ("init_image", "mask", "progress")}
+  settings = sb.settings_of(FLAGS.workdir, plan, FLAGS.label, FLAGS.prompt,
+                            init_image=FLAGS.init_image, mask=FLAGS.mask, **named)
+  sink = (sb.PngDirSink(FLAGS.out_dir, plan, settings) if FLAGS.out_dir is not None else
+          sb.NpzSink(FLAGS.out, plan, settings))
+  path = sb.run_to_sink(pipe, plan, sink, labels=FLAGS.label, prompt=FLAGS.prompt,
+                        batch_progress=progress, **kwargs)
+  print(f"wrote {FLAGS.num_samples} samples to {path}")
+  return None
+
+
+def _edit_kwargs(pipe) -> dict:
+  """init_image / mask / strength keywords from the image-to-image and inpainting flags."""
+  from ldm_jax import sample_inputs
+  from ldm_jax.errors import UserError
+  if FLAGS.init_image is None:
+    for name in ("mask", "strength"):
+      if getattr(FLAGS, name) is not None:
+        raise UserError(f"--{name} needs --init_image (the image to start from)")
+    return {}
+  if not hasattr(pipe, "encode"):
+    raise UserError("--init_image: image-to-image and inpainting run on one stage (an LDM or "
+                    "pixel-space workdir), not on a cascade")
+  edit = {"init_image": sample_inputs.read_image(FLAGS.init_image, pipe.image_size,
+                                                 pipe.image_channels),
+          "strength": 0.8 if FLAGS.strength is None else FLAGS.strength}
+  if FLAGS.mask is not None:
+    edit["mask"] = sample_inputs.read_mask(FLAGS.mask, pipe.image_size)
+  return edit
+
+
+def _steps_run(edit: dict) -> int:
+  from ldm_jax.errors import UserError
+  from ldm_jax.pipeline import steps_run
+  try:
+    return steps_run(FLAGS.steps, edit.get("strength"))
+  except ValueError as e:
+    raise UserError(f"--strength: {e}") from e
+
+
+def _write_rows(pipe, kwargs: dict) -> None:
+  """--prompts_file: a row of --num_samples images per line, as one grid or a file each."""
+  import numpy as np
+  from ldm_jax import sample_inputs
+  from ldm_jax.errors import UserError
+  from ldm_jax.evaluation.images import make_grid
+  from ldm_jax.pipeline import sample_rows
+  from ldm_jax.sampling_batches import write_image
+  for name in ("prompt", "label", "trajectory"):
+    if getattr(FLAGS, name):
+      raise UserError(f"--prompts_file gives the prompts (or labels): drop --{name}")
+  conditions = sample_inputs.read_conditions(FLAGS.prompts_file, pipe.model.cond_kind,
+                                             pipe.class_names)
+  rows = sample_rows(pipe, conditions, FLAGS.num_samples, **kwargs)
+  if not FLAGS.per_prompt_files:
+    write_image(FLAGS.out, make_grid(np.concatenate(rows), ncols=FLAGS.num_samples))
+    print(f"wrote {FLAGS.out} ({len(rows)} rows)")
+    return
+  stem, ext = os.path.splitext(FLAGS.out)
+  for i, row in enumerate(rows):
+    path = f"{stem}_{i:03d}{ext or '.png'}"
+    write_image(path, make_grid(row, ncols=FLAGS.num_samples))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

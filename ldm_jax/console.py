@@ -39,6 +39,7 @@ class _ShortFormatter(logging.Formatter):
 _NOISE = (
     "OpenCV is not installed",  # TFDS: PIL decodes our PNGs fine
     "Type handler registry type",  # orbax: ldm_jax.checkpoint's array handler replaces its own
+    "has no dataset_info.json",  # TFDS, while it prepares a data set for the first time
 )
 
 

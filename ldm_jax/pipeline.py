@@ -5,9 +5,22 @@
 
 One stage (`DiffusionPipeline`: an LDM or a pixel-space model) runs its whole reverse chain
 and its codec's decoder in ONE jitted function per (sampler, steps, batch size, trajectory,
-timestep options); the guidance scale, eta, the seed and a super-resolution stage's
-augmentation level are runtime values. A cascade (`CascadePipeline`) runs its stages one
-after another, each such a function, resizing each output to condition the next stage.
+timestep options, first step run); the guidance scale, eta, the seed, a super-resolution
+stage's augmentation level, negative prompts / labels, init images and masks are runtime
+values (giving or leaving out an init image or a mask is another program; so is a `strength`
+that changes the number of steps run, as the scan gets shorter).
+
+Beyond sampling from noise, as diffusers' Stable Diffusion pipelines do:
+  negative_prompt= / negative_labels=   the unconditional branch of guidance (default: the
+                                        empty prompt / the null label)
+  init_image=, strength=                image-to-image (SDEdit, StableDiffusionImg2ImgPipeline)
+  init_image=, mask=, strength=         inpainting with a regular checkpoint: the known region
+                                        re-noised at every step and blended at the latent
+                                        resolution (StableDiffusionInpaintPipelineLegacy)
+  sample_rows(pipe, prompts, n)         one row of n images per prompt (or label)
+
+A cascade (`CascadePipeline`) runs its stages one after another, each such a function,
+resizing each output to condition the next stage.
 
 Workdirs come from train.py (train states with EMA) or from `python -m ldm_jax.convert`
 (parameters only, meta 'format': 'params'; e.g. Stable Diffusion with a frozen CLIP text
@@ -21,15 +34,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ldm_jax import codecs, diffusion, load
+from ldm_jax import codecs, diffusion, load, sample_inputs
 from ldm_jax import workdir as workdir_lib
+from ldm_jax.diffusion import samplers
 from ldm_jax.errors import UserError
 from ldm_jax.evaluation.images import to_uint8
 from ldm_jax.models.builders import TEXT_KINDS
 from ldm_jax.models.denoiser import LOWRES_KEYS, DiffusionModel
 
 # config.<stage>.scheduler keys (diffusers scheduler_config.json terms) -> sampler keywords.
-SCHEDULER_OPTIONS = ("timestep_spacing", "steps_offset", "set_alpha_to_one", "clip_sample")
+SCHEDULER_OPTIONS = ("timestep_spacing", "steps_offset", "set_alpha_to_one", "clip_sample",
+                     "use_karras_sigmas", "final_sigmas_type", "lower_order_final")
 
 
 def from_workdir(workdir: str, step: Optional[int] = None):
@@ -76,7 +91,7 @@ class DiffusionPipeline:
     self.schedule, self.parameterization = schedule, parameterization
     self.class_names = list(class_names)
     self.sample_aug_level, self.name = float(sample_aug_level), name
-    self._compiled = {}
+    self._compiled, self._encode = {}, None
 
   @classmethod
   def from_parts(cls, config: ml_collections.ConfigDict,
@@ -116,6 +131,11 @@ class DiffusionPipeline:
     return int(getattr(self.codec, "image_size", 0) or self.codec.shape[0])
 
   @property
+  def image_channels(self) -> int:
+    ae = self.autoencoder
+    return int(ae.in_channels) if ae is not None else int(self.codec.shape[-1])
+
+  @property
   def is_super_resolution(self) -> bool:
     return self.model.lowres_channels > 0
 
@@ -148,6 +168,31 @@ class DiffusionPipeline:
       return {"tokens": jnp.asarray(ids), "token_mask": jnp.asarray(mask)}
     return {}
 
+  def negative_condition(self, num_samples: int, negative_labels=None,
+                         negative_prompt=None) -> dict:
+    """The condition of guidance's unconditional branch: the null label / empty prompt, or
+    `negative_labels` (class models) / `negative_prompt` (text models) in its place."""
+    if negative_labels is None and negative_prompt is None:
+      return self.model.null_condition(num_samples)
+    kind = self.model.cond_kind
+    if kind == "class" and negative_prompt is not None:
+      raise UserError("this model is class-conditional: give negative_labels, not a "
+                      "negative_prompt")
+    if kind in TEXT_KINDS and negative_labels is not None:
+      raise UserError("this model is text-conditional: give a negative_prompt, not "
+                      "negative_labels")
+    if kind not in ("class",) + TEXT_KINDS:
+      raise UserError("this model is unconditional: it has no negative prompt or label")
+    return self.condition(num_samples, negative_labels, negative_prompt)
+
+  def encode(self, images, seed: Optional[int] = None) -> np.ndarray:
+    """Images (see `init_image` of `sample`) in the space the sampler runs in: the latent
+    scale times the posterior mode (seed None) or a posterior sample."""
+    x = sample_inputs.as_images(images, self.image_size, self.image_channels, "images")
+    self._encode = self._encode or jax.jit(self.codec.encode)
+    rng = None if seed is None else _encode_key(jax.random.key(seed))
+    return np.asarray(self._encode(self.codec_params, jnp.asarray(x), rng))
+
   def aug_steps(self, aug_level: Optional[float]) -> int:
     """An augmentation level (fraction of the timesteps, None: the stage's default) as the
     integer level the UNet embeds (0: the low-resolution image is used as it is)."""
@@ -168,13 +213,19 @@ class DiffusionPipeline:
       kwargs["set_alpha_to_one"] = bool(options["set_alpha_to_one"])
     if sampler in ("ddpm", "ddim") and options.get("clip_sample"):
       kwargs["clip_x0"] = float(options["clip_sample"])
+    if sampler == "dpmpp_2m":  # DPMSolverMultistepScheduler's options ("DPM++ 2M Karras")
+      for key in ("use_karras_sigmas", "lower_order_final"):
+        if options.get(key) is not None:
+          kwargs[key] = bool(options[key])
+      if options.get("final_sigmas_type") is not None:
+        kwargs["final_sigmas_type"] = str(options["final_sigmas_type"])
     return kwargs
 
   def _sampler_fn(self, sampler: str, steps: int, num_samples: int, trajectory: bool,
                   progress: Optional[Callable[[int], None]], options: tuple = (),
-                  given_latents: bool = False):
+                  given_latents: bool = False, start_step: int = 0):
     key = (sampler, steps, num_samples, trajectory, progress is not None, options,
-           given_latents)
+           given_latents, start_step)
     if key in self._compiled:
       return self._compiled[key]
     if sampler not in diffusion.SAMPLERS:
@@ -187,11 +238,28 @@ class DiffusionPipeline:
       return self.model(params, x, t, cond)
 
     extra = self._sampler_kwargs(sampler, dict(options))
+    try:  # the level of each step: image-to-image and inpainting noise the init latents to it
+      _, alpha, sigma = samplers.sampler_levels(sampler, sched, steps, **extra)
+    except ValueError as e:
+      raise UserError(str(e)) from e
+    batch = (num_samples,) + shape
 
-    def run(params, codec_params, cond, uncond, scale, eta, rng, latents, lowres, aug_level):
+    def at_level(z0, noise, i):  # the init latents at step i's level (diffusers' add_noise)
+      return alpha[i] * z0 + sigma[i] * noise
+
+    def run(params, codec_params, cond, uncond, scale, eta, rng, latents, lowres, aug_level,
+            init=None):
       r_init, r_steps, r_aug = jax.random.split(rng, 3)
       x_T = (jnp.asarray(latents, jnp.float32) if given_latents else
-             jax.random.normal(r_init, (num_samples,) + shape, jnp.float32))
+             jax.random.normal(r_init, batch, jnp.float32))
+      hook = z0 = mask = None
+      if init is not None:  # x_T is the noise that takes the init latents to t_start
+        z0 = (init["latents"] if "latents" in init else
+              codec.encode(codec_params, init["images"], _encode_key(rng)))
+        z0, noise, mask = jnp.broadcast_to(z0, batch), x_T, init.get("mask")
+        x_T = at_level(z0, noise, start_step)
+        if mask is not None:  # the legacy inpainting blend, after step i at step i's level
+          hook = lambda x, i: mask * x + (1.0 - mask) * at_level(z0, noise, i)  # noqa: E731
       if lowres is not None:  # a super-resolution stage: both branches see the same image
         low = codecs.upsample_condition(lowres, shape[0])
         level = jnp.full((num_samples,), aug_level, jnp.int32)
@@ -199,7 +267,8 @@ class DiffusionPipeline:
         cond = {**cond, "lowres": low, "aug_level": level}
         uncond = {**uncond, "lowres": low, "aug_level": level}
       kwargs = dict(num_steps=steps, rng=r_steps, parameterization=self.parameterization,
-                    return_trajectory=trajectory, **extra)
+                    return_trajectory=trajectory, start_step=start_step, step_hook=hook,
+                    **extra)
       if sampler == "ddim":
         kwargs["eta"] = eta
       if set(cond) - set(LOWRES_KEYS):
@@ -207,11 +276,13 @@ class DiffusionPipeline:
       else:
         fn, args = (lambda x, t, c, p: model_fn(x, t, c, p)), (cond, params)
       out = diffusion.sample(sampler, fn, x_T, sched, model_args=args, **kwargs)
+      final, traj = out if trajectory else (out, None)
+      if mask is not None:  # the known region exactly as encoded
+        final = mask * final + (1.0 - mask) * z0
       dec = lambda z: jnp.clip(codec.decode(codec_params, z), -1, 1)  # noqa: E731
       if trajectory:
-        z0, traj = out
-        return dec(z0), jax.lax.map(dec, traj.x)
-      return dec(out)
+        return dec(final), jax.lax.map(dec, traj.x)
+      return dec(final)
 
     fn = jax.jit(run)
     self._compiled[key] = fn
@@ -223,7 +294,11 @@ class DiffusionPipeline:
              progress: Optional[Callable[[int], None]] = None, as_uint8: bool = True,
              latents=None, timestep_spacing: Optional[str] = None,
              steps_offset: Optional[int] = None, lowres=None,
-             aug_level: Optional[float] = None, rng: Optional[jax.Array] = None):
+             aug_level: Optional[float] = None, rng: Optional[jax.Array] = None,
+             negative_prompt=None, negative_labels=None, init_image=None,
+             init_latents=None, strength: Optional[float] = None, mask=None,
+             use_karras_sigmas: Optional[bool] = None,
+             final_sigmas_type: Optional[str] = None):
     """Draws `num_samples` images (NHWC uint8, or float in [-1, 1] with as_uint8=False).
 
     With trajectory=True also returns the decoded x_t after every step, [steps, N, H, W, C].
@@ -232,7 +307,19 @@ class DiffusionPipeline:
     still comes from `seed`). `timestep_spacing` ('leading', 'linspace', 'trailing') and
     `steps_offset` override the workdir's scheduler settings. A super-resolution stage needs
     `lowres` (float images in [-1, 1], [N, h, w, C]) and noises them to `aug_level`.
-    `rng` replaces `jax.random.key(seed)`.
+    `rng` replaces `jax.random.key(seed)`. `use_karras_sigmas` ("DPM++ 2M Karras") and
+    `final_sigmas_type` ('zero', 'sigma_min') override the workdir's DPM-Solver++ settings.
+
+    `negative_prompt` (a string or one per sample; text models) / `negative_labels` (class
+    models) replace the empty prompt / null label in guidance's unconditional branch.
+    `init_image` (1 or N images, `image_size` square, uint8 or float in [-1, 1]) or
+    `init_latents` (1 or N, already in the sampler's space, e.g. from `encode`) make this
+    image-to-image: of the `steps`-step schedule the last int(steps * strength) steps run
+    (default strength 0.8), from the init latents (a posterior sample drawn from the seed)
+    noised to the first of them; `latents` is then that noise. `mask` (white / 1 = repaint,
+    see ldm_jax.sample_inputs) with an init image inpaints: after every step the known
+    region is the init latents noised to that step's timestep, and at the end the init
+    latents themselves.
     """
     if steps < 1:
       raise UserError(f"steps={steps} must be at least 1")
@@ -243,6 +330,12 @@ class DiffusionPipeline:
       options["timestep_spacing"] = timestep_spacing
     if steps_offset is not None:
       options["steps_offset"] = int(steps_offset)
+    if final_sigmas_type not in (None, "zero", "sigma_min"):
+      raise UserError(f"final_sigmas_type={final_sigmas_type!r}: one of 'zero', 'sigma_min'")
+    for key, value in (("use_karras_sigmas", use_karras_sigmas),
+                       ("final_sigmas_type", final_sigmas_type)):
+      if value is not None:
+        options[key] = value
     if latents is not None:
       latents = np.asarray(latents, np.float32)
       want = (int(num_samples),) + self.latent_shape
@@ -257,16 +350,66 @@ class DiffusionPipeline:
         raise UserError(f"lowres images of shape {lowres.shape} for {num_samples} samples "
                         f"with {self.latent_shape[-1]} channels")
     cond = self.condition(num_samples, labels, prompt)
-    uncond = self.model.null_condition(1)
+    # Always one unconditional condition per sample, so a negative prompt is no new program.
+    uncond = self.negative_condition(num_samples, negative_labels, negative_prompt)
+    init, start_step = self._init(num_samples, int(steps), init_image, init_latents, strength,
+                                  mask)
     fn = self._sampler_fn(sampler, int(steps), int(num_samples), bool(trajectory), progress,
-                          tuple(sorted(options.items())), latents is not None)
+                          tuple(sorted(options.items())), latents is not None, start_step)
     out = fn(self.params, self.codec_params, cond, uncond, jnp.float32(guidance),
              jnp.float32(eta), jax.random.key(seed) if rng is None else rng, latents, lowres,
-             jnp.int32(self.aug_steps(aug_level) if lowres is not None else 0))
+             jnp.int32(self.aug_steps(aug_level) if lowres is not None else 0), init)
     convert = (lambda x: to_uint8(np.asarray(x))) if as_uint8 else np.asarray  # noqa: E731
     if trajectory:
       return convert(out[0]), convert(out[1])
     return convert(out)
+
+  def _init(self, num_samples: int, steps: int, init_image, init_latents, strength, mask):
+    """(the init arrays the sampler takes or None, the first step to run)."""
+    if init_image is None and init_latents is None:
+      if mask is not None or strength is not None:
+        raise UserError(f"{'mask' if mask is not None else 'strength'} needs an init_image "
+                        "(or init_latents) to start from")
+      return None, 0
+    if init_image is not None and init_latents is not None:
+      raise UserError("give init_image or init_latents, not both")
+    init = {}
+    if init_image is not None:
+      init["images"] = sample_inputs.as_images(init_image, self.image_size,
+                                               self.image_channels)
+      n = len(init["images"])
+    else:
+      z = np.asarray(init_latents, np.float32)
+      z = z[None] if z.ndim == len(self.latent_shape) else z
+      if z.shape[1:] != self.latent_shape:
+        raise UserError(f"init_latents of shape {np.shape(init_latents)}: expected [N, "
+                        f"{', '.join(map(str, self.latent_shape))}]")
+      init["latents"], n = z, len(z)
+    if n not in (1, num_samples):
+      raise UserError(f"{n} init images for {num_samples} samples: give 1 or {num_samples}")
+    if mask is not None:
+      m = sample_inputs.latent_mask(mask, self.image_size, self.latent_shape[0])
+      if len(m) not in (1, num_samples):
+        raise UserError(f"{len(m)} masks for {num_samples} samples: give 1 or {num_samples}")
+      init["mask"] = m
+    try:
+      start = samplers.strength_start_step(steps, 0.8 if strength is None else float(strength))
+    except ValueError as e:
+      raise UserError(str(e)) from e
+    return jax.tree.map(jnp.asarray, init), start
+
+
+def _encode_key(rng: jax.Array) -> jax.Array:
+  """The key of an init image's posterior sample (apart from the sampler's keys)."""
+  return jax.random.fold_in(rng, 3)
+
+
+def steps_run(steps: int, strength: Optional[float] = None) -> int:
+  """How many sampler steps a call runs: all `steps`, or with an init image (and `strength`,
+  default 0.8) the last int(steps * strength)."""
+  if strength is None:
+    return int(steps)
+  return int(steps) - samplers.strength_start_step(int(steps), float(strength))
 
 
 # The name users and notebooks know: a latent diffusion workdir loads as one stage.
@@ -314,7 +457,13 @@ class CascadePipeline:
     go to the base stage). trajectory=True also returns every stage's decoded x_t, resized
     (nearest) to the output size and concatenated in time. stage_outputs=True returns the
     list of each stage's images instead. `base_images` (float, [-1, 1]) replace the base
-    stage's samples (e.g. to follow a corrupted base sample through the super-resolution)."""
+    stage's samples (e.g. to follow a corrupted base sample through the super-resolution).
+    Image-to-image and inpainting are single-stage features (a UserError here)."""
+    edits = [k for k in ("init_image", "init_latents", "mask", "strength")
+             if kwargs.get(k) is not None]
+    if edits:
+      raise UserError(f"{edits[0]}: image-to-image and inpainting run on one stage (an LDM or "
+                      "pixel-space workdir), not on a cascade")
     key = jax.random.key(seed)
     frames, outputs = [], []
     images = None
@@ -373,6 +522,23 @@ class StepProgress:
     self._stream.flush()
     if self._i == self._n:
       self._start = None
+
+
+def sample_rows(pipe, conditions: Sequence, per_row: int, *, latents=None,
+                **kwargs) -> list:
+  """For each condition (a prompt of a text model, a class label of a class-conditional one)
+  `pipe.sample(per_row, ...)` with the other keywords: a list of [per_row, H, W, C] arrays.
+  Every row uses the same seed, so column j starts from the same noise in every row, and one
+  compiled program serves all rows. `latents` [len(conditions) * per_row, ...] (row-major, as
+  diffusers' num_images_per_prompt) replace that noise."""
+  key = "prompt" if pipe.model.cond_kind in TEXT_KINDS else "labels"
+  if key == "labels" and pipe.model.cond_kind != "class":
+    raise UserError("this model is unconditional: it takes no prompts or labels")
+  if latents is not None and len(latents) != len(conditions) * per_row:
+    raise UserError(f"{len(latents)} latents for {len(conditions)} rows of {per_row}")
+  return [pipe.sample(per_row, **{key: c}, **kwargs,
+                      latents=None if latents is None else latents[i * per_row:(i + 1) * per_row])
+          for i, c in enumerate(conditions)]
 
 
 def sample_grid(pipe: LatentDiffusionPipeline, num_samples: int, *, trajectory_frames: int = 0,

@@ -19,8 +19,40 @@ from ldm_jax import platform  # noqa: E402
 platform.configure()
 
 import pathlib  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
+
+
+def _load_torchvision_on_cpu_torch():
+  """Makes `import torchvision` work for the whole session, or leaves it absent.
+
+  The package index offers torchvision 0.28 (the release for torch 2.13, pulled in by
+  pytorch-fid, the FID reference of tests/test_inception.py) only as a CUDA build; on the CPU
+  torch wheel its C++ ops do not load and the import fails registering fake kernels for two of
+  them (`nms`, `qnms`). transformers and diffusers import torchvision when it is installed, so
+  that failure would break every parity test. No test needs those ops: their schemas are
+  declared (only when the extension is missing) and the import retried.
+  """
+  try:
+    import torchvision  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    return
+  except ImportError:
+    return
+  except RuntimeError as e:
+    if "torchvision::nms" not in str(e):
+      raise
+  import torch  # pylint: disable=g-import-not-at-top
+  for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+    del sys.modules[name]
+  lib = torch.library.Library("torchvision", "DEF")
+  for op in ("nms", "qnms"):
+    lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+  _load_torchvision_on_cpu_torch.library = lib  # the schemas live as long as this object
+  import torchvision  # noqa: F401,F811  pylint: disable=g-import-not-at-top,unused-import
+
+
+_load_torchvision_on_cpu_torch()
 
 FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 

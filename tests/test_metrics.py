@@ -93,3 +93,61 @@ def test_frechet_distance_closed_forms():
   want = np.trace(np.cov(x, rowvar=False)) + np.sum(x.mean(0) ** 2)
   assert frechet_distance(x, y) == pytest.approx(want, rel=1e-6)
   assert abs(frechet_distance(x, x)) < 1e-6
+
+
+def test_kid_hand_computed_on_two_points():
+  from ldm_jax.evaluation.metrics import kernel_inception_distance
+  # k(a, b) = (a.b / 2 + 1)^3. x1.x2 = y1.y2 = 0: off-diagonal K_xx = K_yy = 1, so the
+  # within-set term is (2 + 2) / (2 * 1) = 2. Cross: x1.y1 = x2.y1 = 1 -> 1.5^3 = 3.375,
+  # x.y2 = 0 -> 1: sum 8.75, term 2 * 8.75 / 4 = 4.375. KID = 2 - 4.375 = -2.375; every subset
+  # of size 2 is the whole set, so the std is 0.
+  x = np.array([[1.0, 0.0], [0.0, 1.0]])
+  y = np.array([[1.0, 1.0], [0.0, 0.0]])
+  mean, std = kernel_inception_distance(x, y, num_subsets=3, subset_size=10)
+  assert mean == pytest.approx(-2.375, abs=1e-12) and std == 0.0
+
+
+def test_kid_matches_the_double_sum_definition_and_is_seeded():
+  from ldm_jax.evaluation.metrics import kernel_inception_distance
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(5, 3)), rng.normal(0.5, 1.0, size=(5, 3))
+  k = lambda a, b: (np.dot(a, b) / 3 + 1) ** 3  # noqa: E731
+  m = 5
+  within = sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j)
+  cross = sum(k(x[i], y[j]) for i in range(m) for j in range(m))
+  want = within / (m * (m - 1)) - 2 * cross / m**2
+  assert kernel_inception_distance(x, y, num_subsets=2)[0] == pytest.approx(want, rel=1e-12)
+  # Subsets: same seed, same value; a far-away set scores higher than a same-distribution one.
+  a, b = rng.normal(size=(200, 8)), rng.normal(size=(200, 8))
+  one = kernel_inception_distance(a, b, num_subsets=10, subset_size=50, seed=3)
+  assert one == kernel_inception_distance(a, b, num_subsets=10, subset_size=50, seed=3)
+  assert one != kernel_inception_distance(a, b, num_subsets=10, subset_size=50, seed=4)
+  far = kernel_inception_distance(a, b + 1.0, num_subsets=10, subset_size=50, seed=3)
+  assert abs(one[0]) < 0.05 < far[0]
+  with pytest.raises(UserError, match="feature sets"):
+    kernel_inception_distance(a, b[:, :4])
+
+
+def test_frechet_distance_trace_equals_scipy_sqrtm():
+  import scipy.linalg
+  from ldm_jax.evaluation.metrics import frechet_distance
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(400, 12)) @ rng.normal(size=(12, 12))
+  y = rng.normal(0.3, 1.0, size=(300, 12)) @ rng.normal(size=(12, 12))
+  s_x, s_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+  want = (np.sum((x.mean(0) - y.mean(0)) ** 2) + np.trace(s_x) + np.trace(s_y)
+          - 2 * np.trace(np.real(scipy.linalg.sqrtm(s_x @ s_y))))
+  assert frechet_distance(x, y) == pytest.approx(want, rel=1e-9)  # the eigh route (D^3)
+  # Few samples: the nuclear-norm route, on singular covariances where sqrtm needs the offset.
+  a, b = x[:5], y[:7]
+  s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  offset = np.eye(12) * 1e-10
+  ref = (np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(
+      np.real(scipy.linalg.sqrtm((s_a + offset) @ (s_b + offset)))))
+  assert frechet_distance(a, b) == pytest.approx(ref, rel=1e-6)
+  big = np.concatenate([x, x, x])  # n^2 m > 4 D^3 here: both routes on the same sets
+  from ldm_jax.evaluation.metrics import _trace_sqrt_product
+  xc, yc = big - big.mean(0), y - y.mean(0)
+  s1, s2 = np.cov(big, rowvar=False), np.cov(y, rowvar=False)
+  svd = np.linalg.svd(xc @ yc.T, compute_uv=False).sum() / np.sqrt((len(xc) - 1) * (len(yc) - 1))
+  assert _trace_sqrt_product(xc, yc, s1, s2) == pytest.approx(svd, rel=1e-9)

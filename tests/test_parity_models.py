@@ -116,16 +116,18 @@ def _check_vae(torch_model, cfg, params):
 
 def test_unet2d_condition_model_linear_projection():
   """SD 2.x-like: linear projections, per-level heads and transformer depths, plus the
-  scale-shift ResBlocks and the other timestep-embedding layout. (SD 1.x's conv projections
-  and int heads: `test_compvis_unet_spatial_transformer`, which converts both ways.)"""
+  scale-shift ResBlocks, the other timestep-embedding layout and downsample_padding=0.
+  (SD 1.x's conv projections and int heads: `test_compvis_unet_spatial_transformer`, which
+  converts both ways.)"""
   torch_model = _perturb(diffusers.UNet2DConditionModel(
       block_out_channels=(8, 16), layers_per_block=1, cross_attention_dim=CTX,
       norm_num_groups=4, in_channels=3, out_channels=3,
       down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
       attention_head_dim=[1, 4], transformer_layers_per_block=[1, 2],
       use_linear_projection=True, resnet_time_scale_shift="scale_shift", freq_shift=1,
-      flip_sin_to_cos=False))
+      flip_sin_to_cos=False, downsample_padding=0))
   cfg, params = dm.unet_from_diffusers(_config(torch_model), _numpy_state(torch_model))
+  assert cfg["symmetric_downsample"] is False
   _check_unet(torch_model, cfg, params, context=True)
 
 
@@ -139,6 +141,38 @@ def test_unet2d_model(attention):
   cfg, params = dm.unet_from_diffusers(_config(torch_model), _numpy_state(torch_model))
   assert cfg["mid_attention"] is attention
   _check_unet(torch_model, cfg, params, context=False)
+
+
+def test_unet2d_model_class_conditional():
+  """A class-conditional UNet2DModel (num_class_embeds: the classes and, last, our null
+  label) with downsample_padding=0 and three levels (two downsamples), the layout of this
+  project's default preset."""
+  torch_model = _perturb(diffusers.UNet2DModel(
+      block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4,
+      attention_head_dim=4, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), num_class_embeds=5,
+      downsample_padding=0, in_channels=3, out_channels=3))
+  config = _config(torch_model)
+  cfg, params = dm.unet_from_diffusers(config, _numpy_state(torch_model))
+  assert dm.unet_num_classes(config) == 4 and cfg["symmetric_downsample"] is False
+  x, t, _ = _inputs(3)
+  labels = np.array([1, 4])  # a class and the null label (row 4)
+  with torch.no_grad():
+    ref = torch_model(torch.from_numpy(x), torch.from_numpy(t),
+                      class_labels=torch.from_numpy(labels)).sample.numpy()
+  ldm = ldm_configs.ldm_block()
+  ldm.unet.update(cfg)
+  ldm.conditioning.kind = "class"
+  unet = build_unet(ldm, 3, 4)  # how load.py builds a class-conditional stage
+  assert unet == dm.unet_module(cfg, 3, 4) and unet.null_label == 4
+  out = _jit(lambda p, x, t, y: unet.apply({"params": p}, x, t, labels=y))(
+      params, x.transpose(0, 2, 3, 1), t, labels)
+  err = _rel(out, ref)
+  print(f"max relative error {err:.2e}")
+  assert err <= TOL
+  # labels=None is our null label: diffusers' last class row.
+  none = _jit(lambda p, x, t: unet.apply({"params": p}, x, t))(params, x.transpose(0, 2, 3, 1), t)
+  np.testing.assert_allclose(np.asarray(none)[1], np.asarray(out)[1], rtol=1e-5, atol=1e-5)
 
 
 def test_autoencoder_kl_without_quant_convs():

@@ -139,3 +139,30 @@ def test_dpm_solver_pp_2m(pred):
     errs[f"{spacing}+{offset} {n} {final}"] = max_err(traj, ref)
   print(f"dpm++(2m) {pred} max |ours - diffusers|:", errs)
   assert max(errs.values()) <= TOL, errs
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+def test_dpm_solver_pp_2m_karras(pred):
+  """"DPM++ 2M Karras": Karras sigmas, each final sigma type, with and without the
+  first-order last step (lower_order_final, N < 15)."""
+  param = "eps" if pred == "epsilon" else "v"
+  errs = {}
+  cases = (  # (steps, final_sigmas_type, lower_order_final)
+      ((20, "zero", True), (8, "sigma_min", True), (25, "sigma_min", True))
+      if param == "eps" else ((10, "zero", True), (6, "sigma_min", False)))
+  for n, final, lof in cases:
+    sched = diffusers.DPMSolverMultistepScheduler(
+        **SD, prediction_type=pred, use_karras_sigmas=True, final_sigmas_type=final,
+        lower_order_final=lof)
+    ref, ts = reference(sched, n, seed=6, noise_kw=False)
+    _, x_T, _ = x_T_and_noise(n, seed=6)
+    ours_ts, ours_sig = D.samplers.dpm_solver_karras_levels(SCHED, n)
+    np.testing.assert_array_equal(np.asarray(ours_ts), ts)
+    np.testing.assert_allclose(np.asarray(ours_sig), sched.sigmas.numpy()[:-1], rtol=1e-6)
+    _, traj = D.dpm_solver_pp_2m_sample(JAX_MODEL, x_T, SCHED, num_steps=n,
+                                        parameterization=param, final_sigmas_type=final,
+                                        lower_order_final=lof, use_karras_sigmas=True,
+                                        return_trajectory=True)
+    errs[f"karras {n} {final} lower_order_final={lof}"] = max_err(traj, ref)
+  print(f"dpm++(2m) karras {pred} max |ours - diffusers|:", errs)
+  assert max(errs.values()) <= TOL, errs

@@ -6,6 +6,7 @@ the keys. Buffers that carry no weights (`position_ids`) are skipped.
 """
 import numpy as np
 
+from ldm_jax.convert import config_keys
 from ldm_jax.errors import UserError
 from ldm_jax.models import clip
 
@@ -14,7 +15,9 @@ IGNORED = ("text_model.embeddings.position_ids",)
 
 
 def config_from_transformers(config: dict) -> dict:
-  """The CLIPTextEncoder fields of a transformers CLIPTextConfig dict (text_encoder/config.json)."""
+  """The CLIPTextEncoder fields of a transformers CLIPTextConfig dict (text_encoder/config.json);
+  every other key must be one `config_keys.TEXT_ENCODER` accepts."""
+  config_keys.check(config, config_keys.TEXT_ENCODER, "text encoder config.json")
   missing = [k for k in clip.CONFIG_KEYS if k not in config]
   if missing:
     raise UserError(f"text encoder config.json lacks keys {missing}")

@@ -10,8 +10,11 @@ cfg holds only architecture keys; `unet_module` / `vae_module` (also used here t
 weights against the model that cfg builds) show how `build_unet` / `build_autoencoder` get
 the rest: the UNet's out_channels (the latent channels; diffusers' `out_channels`), its
 context width (`cfg['context_dim']`, diffusers' `cross_attention_dim`), the autoencoder's
-image channels (diffusers' `in_channels`). Config values our modules cannot express raise a
-UserError naming the key; so do missing, unknown and wrongly shaped weights.
+image channels (diffusers' `in_channels`). Every config key is classified in
+`config_keys` (UNET_CONDITION, UNET_PLAIN, VAE): values our modules cannot express, and keys
+no table knows, raise a UserError naming the key and value; so do missing, unknown and wrongly
+shaped weights. A class-conditional UNet2DModel (`num_class_embeds`) converts with
+`unet_num_classes(config)` classes (its last class row is our null label).
 """
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -20,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ldm_jax.convert import config_keys
 from ldm_jax.convert.torch_params import Fused, Source, params_from_state_dict
 from ldm_jax.errors import UserError
 from ldm_jax.models.builders import build_autoencoder, build_unet
@@ -27,13 +31,15 @@ from ldm_jax.models.builders import build_autoencoder, build_unet
 # --- Building our modules from a converter's cfg (also what a config holding cfg builds). ---
 
 
-def unet_module(cfg: Mapping[str, Any], out_channels: int):
-  """The UNet that `build_unet` makes from `config.ldm.unet` updated with `cfg`."""
+def unet_module(cfg: Mapping[str, Any], out_channels: int, num_classes: int = 0):
+  """The UNet that `build_unet` makes from `config.ldm.unet` updated with `cfg` (with
+  `num_classes`: a class-conditional stage with that many classes)."""
   ctx = int(cfg.get("context_dim", 0))
+  kind = "text" if ctx else ("class" if num_classes else "none")
   ldm = ml_collections.ConfigDict(dict(
       unet={"dropout": 0.0, "remat": False, **cfg},
-      conditioning=dict(kind="text" if ctx else "none", text_width=ctx)))
-  return build_unet(ldm, out_channels, 0)
+      conditioning=dict(kind=kind, text_width=ctx)))
+  return build_unet(ldm, out_channels, num_classes)
 
 
 def vae_module(cfg: Mapping[str, Any], in_channels: int):
@@ -57,30 +63,11 @@ def abstract_vae_params(vae):
 
 # --- Config translation. ---
 
-_COMMON_UNET_DEFAULTS = dict(
-    center_input_sample=False, act_fn="silu", time_embedding_type="positional",
-    time_embedding_dim=None, class_embed_type=None, num_class_embeds=None,
-    mid_block_scale_factor=1, downsample_padding=1)
-_COND_UNET_DEFAULTS = dict(
-    time_cond_proj_dim=None, timestep_post_act=None, addition_embed_type=None,
-    encoder_hid_dim=None, encoder_hid_dim_type=None, conv_in_kernel=3, conv_out_kernel=3,
-    mid_block_type="UNetMidBlock2DCrossAttn", only_cross_attention=False,
-    dual_cross_attention=False, resnet_skip_time_act=False, resnet_out_scale_factor=1.0,
-    cross_attention_norm=None, class_embeddings_concat=False,
-    mid_block_only_cross_attention=None, attention_type="default",
-    reverse_transformer_layers_per_block=None, addition_time_embed_dim=None,
-    projection_class_embeddings_input_dim=None)
-_PLAIN_UNET_DEFAULTS = dict(mid_block_type="UNetMidBlock2D", downsample_type="conv",
-                            upsample_type="conv")
-
-
-def _require(config: Mapping[str, Any], fixed: Mapping[str, Any], what: str) -> None:
-  for key, want in fixed.items():
-    got = config.get(key, want)
-    if isinstance(got, list):
-      got = tuple(got)
-    if got != want:
-      raise UserError(f"{what} config {key}={got!r} is not supported (only {want!r})")
+def _int(config: Mapping[str, Any], key: str, default: int, what: str) -> int:
+  value = config.get(key, default)
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise UserError(f"{what} config {key}={value!r} is not supported (an int)")
+  return value
 
 
 def _levels(config, what: str, defaults) -> Tuple[int, Tuple[int, ...], Tuple[int, ...]]:
@@ -118,7 +105,7 @@ def _per_level(value, n: int, key: str, what: str) -> Tuple[Optional[int], Tuple
 
 def _unet_cfg_from_condition_config(config: Mapping[str, Any]) -> Dict[str, Any]:
   what = "diffusers UNet2DConditionModel"
-  _require(config, {**_COMMON_UNET_DEFAULTS, **_COND_UNET_DEFAULTS}, what)
+  config_keys.check(config, config_keys.UNET_CONDITION, f"{what} config")
   defaults = dict(
       block_out_channels=(320, 640, 1280, 1280),
       down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -135,12 +122,13 @@ def _unet_cfg_from_condition_config(config: Mapping[str, Any]) -> Dict[str, Any]
       attention_levels=levels, num_heads=num_heads or 1, num_head_channels=-1,
       level_heads=level_heads, use_transformer=True, transformer_depth=depth or 1,
       level_transformer_depth=level_depth, mid_attention=True,
-      context_dim=int(config.get("cross_attention_dim", 1280)))
+      context_dim=_int(config, "cross_attention_dim", 1280, what))
 
 
 def _unet_cfg_from_plain_config(config: Mapping[str, Any]) -> Dict[str, Any]:
   what = "diffusers UNet2DModel"
-  _require(config, {**_COMMON_UNET_DEFAULTS, **_PLAIN_UNET_DEFAULTS}, what)
+  config_keys.check(config, config_keys.UNET_PLAIN, f"{what} config")
+  unet_num_classes(config)  # checks num_class_embeds
   defaults = dict(
       block_out_channels=(224, 448, 672, 896),
       down_block_types=("DownBlock2D",) + ("AttnDownBlock2D",) * 3,
@@ -171,10 +159,14 @@ def _common_unet_cfg(config: Mapping[str, Any], what: str) -> Dict[str, Any]:
   groups = config.get("norm_num_groups", 32)
   if not groups:
     raise UserError(f"{what} config norm_num_groups={groups!r} is not supported")
+  padding = config.get("downsample_padding", 1)
+  if padding not in (0, 1) or isinstance(padding, bool):
+    # 1: the stride-2 conv pads (1, 1); 0: diffusers pads (0, 1) by hand first.
+    raise UserError(f"{what} config downsample_padding={padding!r} is not supported (0 or 1)")
   return dict(
-      num_res_blocks=int(config.get("layers_per_block", 2)),
+      num_res_blocks=_int(config, "layers_per_block", 2, what),
       scale_shift_norm=shift == "scale_shift", num_groups=int(groups),
-      norm_eps=float(config.get("norm_eps", 1e-5)), symmetric_downsample=True,
+      norm_eps=float(config.get("norm_eps", 1e-5)), symmetric_downsample=padding == 1,
       flip_sin_to_cos=bool(config.get("flip_sin_to_cos", True)),
       freq_shift=float(config.get("freq_shift", 0)), dropout=float(config.get("dropout", 0.0)))
 
@@ -184,6 +176,7 @@ def _common_unet_cfg(config: Mapping[str, Any], what: str) -> Dict[str, Any]:
 _UNET_TOP = [
     (r"^time_embed_0$", "time_embedding.linear_1"),
     (r"^time_embed_1$", "time_embedding.linear_2"),
+    (r"^label_emb$", "class_embedding"),
     (r"^norm_out$", "conv_norm_out"),
     (r"^down(\d+)_res(\d+)$", r"down_blocks.\1.resnets.\2"),
     (r"^down(\d+)_attn(\d+)$", r"down_blocks.\1.attentions.\2"),
@@ -251,24 +244,45 @@ def convert_with(abstract, state_dict, rename, what: str):
 # --- Public converters. ---
 
 
-def unet_from_diffusers(config: Mapping[str, Any], state_dict: Mapping[str, Any]):
-  """diffusers UNet2DConditionModel or UNet2DModel -> (config.ldm.unet values, UNet params).
-
-  Build the same module with `unet_module(cfg, config['out_channels'])` (or `build_unet`
-  with `config.ldm.unet.update(cfg)`, out_channels as the latent channels and, for
-  cross-attention, a text conditioning of width cfg['context_dim']).
-  """
+def unet_config_from_diffusers(config: Mapping[str, Any]) -> Tuple[Dict[str, Any], str]:
+  """diffusers UNet config -> (config.ldm.unet values, the diffusers class name); no weights."""
   kind = config.get("_class_name") or (
       "UNet2DConditionModel" if "cross_attention_dim" in config else "UNet2DModel")
   if kind == "UNet2DConditionModel":
-    cfg = _unet_cfg_from_condition_config(config)
-  elif kind == "UNet2DModel":
-    cfg = _unet_cfg_from_plain_config(config)
-  else:
-    raise UserError(f"diffusers UNet config _class_name={kind!r} is not supported "
-                    "(UNet2DConditionModel, UNet2DModel)")
-  unet = unet_module(cfg, int(config.get("out_channels", 4)))
-  abstract = abstract_unet_params(unet, int(config.get("in_channels", 4)))
+    return _unet_cfg_from_condition_config(config), kind
+  if kind == "UNet2DModel":
+    return _unet_cfg_from_plain_config(config), kind
+  raise UserError(f"diffusers UNet config _class_name={kind!r} is not supported "
+                  "(UNet2DConditionModel, UNet2DModel)")
+
+
+def unet_num_classes(config: Mapping[str, Any]) -> int:
+  """Our `num_classes` for a diffusers UNet config: 0 without class labels; for a
+  class-conditional UNet2DModel (`num_class_embeds` = K rows of `class_embedding`) K - 1:
+  our label table has num_classes + 1 rows, the last the null label of classifier-free
+  guidance, so diffusers' last class row is our null label (the layout of a model trained
+  with ldm_jax: K - 1 classes and a null row)."""
+  k = config.get("num_class_embeds")
+  if k is None:
+    return 0
+  if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+    raise UserError(f"diffusers UNet config num_class_embeds={k!r} is not supported (an int "
+                    ">= 2: the classes and, last, the null label)")
+  return k - 1
+
+
+def unet_from_diffusers(config: Mapping[str, Any], state_dict: Mapping[str, Any]):
+  """diffusers UNet2DConditionModel or UNet2DModel -> (config.ldm.unet values, UNet params).
+
+  Build the same module with `unet_module(cfg, config['out_channels'],
+  unet_num_classes(config))` (or `build_unet` with `config.ldm.unet.update(cfg)`,
+  out_channels as the latent channels and, for cross-attention, a text conditioning of width
+  cfg['context_dim']; for class labels, a 'class' conditioning).
+  """
+  cfg, kind = unet_config_from_diffusers(config)
+  unet = unet_module(cfg, _int(config, "out_channels", 4, f"diffusers {kind}"),
+                     unet_num_classes(config))
+  abstract = abstract_unet_params(unet, _int(config, "in_channels", 4, f"diffusers {kind}"))
   n = len(cfg["channel_mult"])
   params = convert_with(abstract, state_dict, lambda p, sa: diffusers_rename(p, n, sa),
                         f"diffusers {kind}")
@@ -280,11 +294,22 @@ def vae_from_diffusers(config: Mapping[str, Any], state_dict: Mapping[str, Any])
 
   The image channels (our `in_channels`, the data's channels) are `config['in_channels']`.
   """
+  cfg = vae_config_from_diffusers(config)
+  vae = vae_module(cfg, int(config.get("in_channels", 3)))
+  abstract = abstract_vae_params(vae)
+  n = len(cfg["ch_mult"])
   what = "diffusers AutoencoderKL"
-  _require(config, dict(act_fn="silu"), what)
-  for key in ("shift_factor", "latents_mean", "latents_std"):
-    if config.get(key) is not None:
-      raise UserError(f"{what} config {key}={config[key]!r} is not supported")
+  return cfg, convert_with(abstract, state_dict, lambda p, sa: diffusers_rename(p, n, sa), what)
+
+
+def vae_config_from_diffusers(config: Mapping[str, Any]) -> Dict[str, Any]:
+  """diffusers AutoencoderKL config -> config.autoencoder values; no weights."""
+  what = "diffusers AutoencoderKL"
+  kind = config.get("_class_name", "AutoencoderKL")
+  if kind != "AutoencoderKL":
+    raise UserError(f"diffusers VAE config _class_name={kind!r} is not supported "
+                    "(AutoencoderKL)")
+  config_keys.check(config, config_keys.VAE, f"{what} config")
   quant = bool(config.get("use_quant_conv", True))
   if quant != bool(config.get("use_post_quant_conv", True)):
     raise UserError(f"{what} config use_quant_conv={quant} with use_post_quant_conv="
@@ -305,8 +330,4 @@ def vae_from_diffusers(config: Mapping[str, Any], state_dict: Mapping[str, Any])
              z_channels=latent, embed_dim=latent, attn_levels=levels,
              mid_attention=bool(config.get("mid_block_add_attention", True)), dropout=0.0,
              num_groups=int(config.get("norm_num_groups", 32)), quant_conv=quant)
-  vae = vae_module(cfg, int(config.get("in_channels", 3)))
-  abstract = abstract_vae_params(vae)
-  n = len(mult)
-
-  return cfg, convert_with(abstract, state_dict, lambda p, sa: diffusers_rename(p, n, sa), what)
+  return cfg

@@ -1,9 +1,13 @@
 """Stable Diffusion (diffusers folder or CompVis checkpoint) -> an ldm_jax workdir.
 
 The architecture comes from the component configs, the weights from the converters
-(`diffusers_models`, `compvis`, `clip`), the schedule and the timestep spacing from
+(`diffusers_models`, `compvis`, `clip`), the schedule and the sampler options (timestep
+spacing, DPM-Solver++'s Karras sigmas and final sigma, ...) from
 scheduler/scheduler_config.json (or the CompVis yaml), the latent scale from the VAE's
-`scaling_factor` (0.18215 for SD 1.x/2.x). The result is sampled like a trained workdir:
+`scaling_factor` (0.18215 for SD 1.x/2.x). Every key of every diffusers config is implemented
+or refused (`config_keys`), and all configs are checked, alone and against each other (the
+UNet's channels against the VAE's latent channels), before any weight is read. The result is
+sampled like a trained workdir:
 
   python -m ldm_jax.convert diffusers <sd folder> <workdir>
   python sample.py --workdir=<workdir> --prompt "a photo of an astronaut" --guidance=7.5
@@ -14,6 +18,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from ldm_jax.convert import clip as convert_clip
+from ldm_jax.convert import config_keys
 from ldm_jax.convert import weights
 from ldm_jax.convert.workdir import base_config, write_workdir
 from ldm_jax.errors import UserError
@@ -29,34 +34,66 @@ PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 
 def schedule_settings(sched: Mapping[str, Any]) -> tuple[dict, dict]:
   """(config.ldm.diffusion values, config.ldm.scheduler sampler options) from a diffusers
-  scheduler_config.json dict."""
+  scheduler_config.json dict. Every key is checked (`config_keys.SCHEDULER`); keys the file
+  leaves out take the defaults of its `_class_name` (as diffusers' loader fills them), or,
+  for a key that class lacks, the sampler's own (None)."""
+  what = "scheduler_config.json"
+  kind = sched.get("_class_name")
+  if kind is not None and kind not in config_keys.SCHEDULER_CLASS_DEFAULTS:
+    raise UserError(f"{what} _class_name={kind!r} is not supported (one of "
+                    f"{', '.join(sorted(config_keys.SCHEDULER_CLASS_DEFAULTS))})")
+  config_keys.check(sched, config_keys.SCHEDULER, what)
   missing = [k for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
              if k not in sched]
   if missing:
-    raise UserError(f"scheduler_config.json lacks keys {missing}")
-  if sched.get("trained_betas") is not None:
-    raise UserError("scheduler_config.json trained_betas is not supported")
-  kind = sched["beta_schedule"]
-  if kind not in BETA_SCHEDULES:
-    raise UserError(f"scheduler_config.json beta_schedule={kind!r} is not supported "
+    raise UserError(f"{what} lacks keys {missing}")
+  get = {**config_keys.SCHEDULER_CLASS_DEFAULTS.get(kind, {}), **sched}.get
+  beta = sched["beta_schedule"]
+  if beta not in BETA_SCHEDULES:
+    raise UserError(f"{what} beta_schedule={beta!r} is not supported "
                     f"(one of {sorted(BETA_SCHEDULES)})")
   pred = sched.get("prediction_type", "epsilon")
   if pred not in PREDICTION_TYPES:
-    raise UserError(f"scheduler_config.json prediction_type={pred!r} is not supported "
+    raise UserError(f"{what} prediction_type={pred!r} is not supported "
                     f"(one of {sorted(PREDICTION_TYPES)})")
-  # Absent (SD 1.x's file predates the key): each sampler keeps its diffusers default, as
-  # `XScheduler.from_config` would (DDIM/DDPM 'leading', DPM-Solver++ 'linspace').
-  spacing = sched.get("timestep_spacing")
+  spacing = get("timestep_spacing")
   if spacing not in (None, "leading", "linspace", "trailing"):
-    raise UserError(f"scheduler_config.json timestep_spacing={spacing!r} is not supported")
-  diffusion = dict(schedule=BETA_SCHEDULES[kind], num_timesteps=int(sched["num_train_timesteps"]),
+    raise UserError(f"{what} timestep_spacing={spacing!r} is not supported")
+  final = get("final_sigmas_type")
+  if final not in (None, "zero", "sigma_min"):
+    raise UserError(f"{what} final_sigmas_type={final!r} is not supported ('zero', "
+                    "'sigma_min')")
+  karras = get("use_karras_sigmas")
+  if karras and beta == "squaredcos_cap_v2":
+    # diffusers then keeps fractional timesteps, which our integer-timestep models lack.
+    raise UserError(f"{what} use_karras_sigmas=True with beta_schedule={beta!r} is not "
+                    "supported (fractional timesteps)")
+  for key in ("steps_offset", "num_train_timesteps"):
+    value = get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+      raise UserError(f"{what} {key}={value!r} is not supported (an int)")
+  flags = {}
+  for key in ("set_alpha_to_one", "clip_sample", "use_karras_sigmas", "lower_order_final",
+              "rescale_betas_zero_snr"):
+    value = get(key)
+    if value is not None and not isinstance(value, bool):
+      raise UserError(f"{what} {key}={value!r} is not supported (true or false)")
+    flags[key] = value
+  diffusion = dict(schedule=BETA_SCHEDULES[beta], num_timesteps=int(sched["num_train_timesteps"]),
                    beta_start=float(sched["beta_start"]), beta_end=float(sched["beta_end"]),
-                   zero_terminal_snr=bool(sched.get("rescale_betas_zero_snr", False)),
+                   zero_terminal_snr=bool(flags["rescale_betas_zero_snr"]),
                    parameterization=PREDICTION_TYPES[pred])
-  options = dict(timestep_spacing=spacing, steps_offset=int(sched.get("steps_offset", 0)),
-                 set_alpha_to_one=bool(sched.get("set_alpha_to_one", False)),
-                 clip_sample=float(sched.get("clip_sample_range", 1.0))
-                 if sched.get("clip_sample", False) else 0.0)
+  options = dict(timestep_spacing=spacing, steps_offset=int(get("steps_offset") or 0),
+                 set_alpha_to_one=bool(flags["set_alpha_to_one"]),
+                 clip_sample=float(get("clip_sample_range", 1.0)) if flags["clip_sample"]
+                 else 0.0)
+  # DPM-Solver++ options: only where the file's class (or the file) sets them, so a workdir
+  # converted from a DDIM folder keeps DPM-Solver++'s diffusers defaults.
+  for key, value in (("use_karras_sigmas", flags["use_karras_sigmas"]),
+                     ("final_sigmas_type", final),
+                     ("lower_order_final", flags["lower_order_final"])):
+    if value is not None:
+      options[key] = value
   return diffusion, options
 
 
@@ -90,27 +127,41 @@ def convert_diffusers(folder: str, workdir: str) -> ml_collections.ConfigDict:
   if missing:
     raise UserError(f"{folder!r} is not a Stable Diffusion folder: components {missing} missing "
                     "(model_index.json and sub-folders)")
+  # Every config is checked before any weight is read.
+  config_of = lambda c: weights.read_json(os.path.join(folder, c, "config.json"))  # noqa: E731
+  unet_json, vae_json, text_json = config_of("unet"), config_of("vae"), config_of("text_encoder")
+  sched = weights.read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
+  unet_cfg, kind = diffusers_models.unet_config_from_diffusers(unet_json)
+  if kind != "UNet2DConditionModel":
+    raise UserError(f"unet/config.json _class_name={kind!r}: a Stable Diffusion folder needs "
+                    "a text-conditional UNet2DConditionModel")
+  diffusers_models.vae_config_from_diffusers(vae_json)
+  clip_cfg = convert_clip.config_from_transformers(text_json)
+  diffusion, options = schedule_settings(sched)
+  latent = vae_json.get("latent_channels", 4)
+  for key in ("in_channels", "out_channels"):
+    if unet_json.get(key, 4) != latent:
+      raise UserError(f"unet/config.json {key}={unet_json.get(key, 4)!r} != vae/config.json "
+                      f"latent_channels={latent!r}: the UNet must denoise the VAE's latents "
+                      "(inpainting and depth UNets with extra input channels are not supported)")
+  if unet_cfg.get("context_dim") not in (None, 0, clip_cfg["hidden_size"]):
+    raise UserError(f"unet/config.json cross_attention_dim={unet_cfg['context_dim']} != "
+                    f"text_encoder/config.json hidden_size={clip_cfg['hidden_size']}")
   unet_cfg, unet_params = diffusers_models.unet_from_diffusers(
       *weights.load_component(os.path.join(folder, "unet")))
-  vae_json, vae_sd = weights.load_component(os.path.join(folder, "vae"))
-  ae_cfg, ae_params = diffusers_models.vae_from_diffusers(vae_json, vae_sd)
+  ae_cfg, ae_params = diffusers_models.vae_from_diffusers(
+      *weights.load_component(os.path.join(folder, "vae")))
   clip_cfg, clip_params = convert_clip.convert(
       *weights.load_component(os.path.join(folder, "text_encoder")))
-  sched = weights.read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
-  diffusion, options = schedule_settings(sched)
-  unet_json = weights.read_json(os.path.join(folder, "unet", "config.json"))
   tok_dir = os.path.join(folder, "tokenizer")
   tok_cfg_path = os.path.join(tok_dir, "tokenizer_config.json")
   max_length = 77
   if os.path.isfile(tok_cfg_path):
     max_length = int(weights.read_json(tok_cfg_path).get("model_max_length", 77))
   max_length = min(max_length, clip_cfg["max_position_embeddings"])
-  if unet_cfg.get("context_dim") not in (None, 0, clip_cfg["hidden_size"]):
-    raise UserError(f"unet cross_attention_dim={unet_cfg['context_dim']} != text encoder "
-                    f"hidden_size={clip_cfg['hidden_size']}")
   f = 2 ** (len(ae_cfg["ch_mult"]) - 1)
-  size = int(unet_json.get("sample_size", 64))
-  latent_shape = (size, size, int(unet_json.get("out_channels", 4)))
+  size = int(unet_json.get("sample_size") or 64)
+  latent_shape = (size, size, int(latent))
   scale = float(vae_json.get("scaling_factor", 0.18215))
   config = sd_config(unet_cfg=unet_cfg, ae_cfg=ae_cfg, clip_cfg=clip_cfg, image_size=size * f,
                      image_channels=int(vae_json.get("in_channels", 3)), latent_scale=scale,

@@ -12,6 +12,7 @@ random access. TFDS skips preparation when `<data_dir>/fashion_mnist_local/1.0.0
 """
 import gzip
 import io
+import logging
 import os
 import pathlib
 
@@ -21,6 +22,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
+from ldm_jax import console
 from ldm_jax.errors import UserError
 
 DEFAULT_LOCAL_DIR = '/usr/share/datasets/fashion-mnist'
@@ -177,8 +179,15 @@ def prepare(data_dir: str | os.PathLike | None = None, *, download: bool = False
         f'Fashion-MNIST files {missing} not found in {local_dir} and dataset {DATASET_NAME} is '
         f'not prepared in data_dir {builder.data_dir_root}: run `apt-get install '
         f'dataset-fashion-mnist`, set data.local_dir, or enable data.download')
+  console.say(f'preparing {DATASET_NAME} in {builder.data_dir} (once, about a minute)')
   # try_download_gcs=False: TFDS would otherwise ask GCS (over the network) for a prepared copy.
-  builder.download_and_prepare(
-      file_format='array_record',
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  # TFDS's progress bars only at --verbosity >= 1 (they flood piped logs).
+  verbose = logging.getLogger('absl').isEnabledFor(logging.INFO)
+  tfds.display_progress_bar(verbose)
+  try:
+    builder.download_and_prepare(
+        file_format='array_record',
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  finally:
+    tfds.display_progress_bar(True)
   return builder

@@ -15,6 +15,9 @@ DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), alpha = sqrt(abar), sigma = sqrt(1 - 
 lambda = log(alpha / sigma), h = lambda' - lambda, h_ = lambda - lambda_prev (the previous h):
   x'  = (sigma' / sigma) x - alpha' (e^-h - 1) (D0 + D1 / 2),   D0 = x0^_i,
   D1  = (h / h_) (x0^_i - x0^_{i-1});   D1 = 0 on the first step and on first-order final steps.
+With Karras sigmas ("DPM++ 2M Karras") the levels are sigma_i = (smax^(1/7) + i/(N-1)
+(smin^(1/7) - smax^(1/7)))^7 between the table's ends (sigma = sqrt((1 - abar) / abar),
+alpha = 1 / sqrt(1 + sigma^2)), the model evaluated at the rounded matching timestep.
 
 Timesteps follow diffusers ('leading', 'linspace', 'trailing' spacings, `steps_offset`). The noise
 of step i is `jax.random.normal(jax.random.split(rng, num_steps)[i], x_T.shape, jnp.float32)`.
@@ -23,8 +26,15 @@ schedule are runtime values, so changing them does not retrace:
 
   run = jax.jit(functools.partial(ddim_sample, guided(model_fn), num_steps=50))
   x0 = run(x_T, sched, rng=key, eta=0.0, model_args=(cond, uncond, scale))
+
+Image-to-image and inpainting (SDEdit; diffusers' img2img and legacy inpaint pipelines) use two
+keywords every sampler takes: `start_step` (static) runs only steps start_step .. N-1 of the
+N-step schedule, x_T then being the sample at that step's level (`sampler_levels`; DPM-Solver++
+makes its first step run first order); `step_hook(x, i)` rewrites x after step i inside the
+scan (the mask blend).
 """
 import functools
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -32,10 +42,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.diffusion.objectives import predict_x0_and_eps
-from ldm_jax.diffusion.schedules import DiffusionSchedule
+from ldm_jax.diffusion.schedules import DiffusionSchedule, karras_sigmas, sigma_to_timestep
 
 SPACINGS = ("leading", "linspace", "trailing")
 DenoiseFn = Callable[..., jax.Array]
+# step_hook(x, i) -> x: applied to the sample after step i (its index in the N-step schedule,
+# int32), e.g. the mask blend of inpainting; runs inside the scan, so it must be traceable.
+StepHook = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 class Trajectory(NamedTuple):
@@ -105,10 +118,21 @@ def _normal(key, x):
   return jnp.zeros_like(x) if key is None else jax.random.normal(key, x.shape, x.dtype)
 
 
-def _run(body, init, xs, return_trajectory):
-  """scan(body) over xs; body(carry, inp) -> (carry, (x, x0^)); carry is x or (x, ...)."""
+def _run(body, init, xs, return_trajectory, start_step=0, step_hook=None):
+  """scan(body) over xs[start_step:]; body(carry, inp) -> (carry, (x, x0^)); carry is x or
+  (x, ...). `step_hook(x, i)` rewrites x after step i."""
+  num_steps = len(xs[0])
+  if not 0 <= start_step < num_steps:
+    raise ValueError(f"start_step={start_step} must be in [0, {num_steps}) for {num_steps} steps")
+  xs = jax.tree.map(lambda a: a[start_step:], (xs, jnp.arange(num_steps, dtype=jnp.int32)))
+
   def scan_body(carry, inp):
+    inp, i = inp
     carry, ys = body(carry, inp)
+    if step_hook is not None:
+      x = step_hook(carry[0] if isinstance(carry, tuple) else carry, i)
+      carry = (x,) + carry[1:] if isinstance(carry, tuple) else x
+      ys = (x,) + tuple(ys[1:])
     return carry, (ys if return_trajectory else None)
 
   carry, ys = jax.lax.scan(scan_body, init, xs)
@@ -119,7 +143,8 @@ def _run(body, init, xs, return_trajectory):
 def ddpm_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: DiffusionSchedule, *,
                 num_steps: int, rng: jax.Array, model_args: tuple = (),
                 parameterization: str = "eps", spacing: str = "leading", steps_offset: int = 0,
-                clip_x0: float | None = None, return_trajectory: bool = False):
+                clip_x0: float | None = None, return_trajectory: bool = False,
+                start_step: int = 0, step_hook: StepHook | None = None):
   """Ancestral sampling from p(x_{t'} | x_t) = q(x_{t'} | x_t, x0^) with the fixed small variance.
 
   With num_steps = T (and the defaults) this is Ho et al.'s chain; fewer steps respace it, the
@@ -142,7 +167,8 @@ def ddpm_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: DiffusionSchedule,
     return x, (x, x0)
 
   xs = (jnp.asarray(ts, jnp.int32), coef_x0, coef_xt, std, _keys(rng, num_steps))
-  return _run(body, jnp.asarray(x_T, jnp.float32), xs, return_trajectory)
+  return _run(body, jnp.asarray(x_T, jnp.float32), xs, return_trajectory, start_step,
+              step_hook)
 
 
 def _ddim_tables(sched, num_steps, spacing, steps_offset, set_alpha_to_one):
@@ -157,7 +183,8 @@ def ddim_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: DiffusionSchedule,
                 num_steps: int, rng: jax.Array | None = None, eta: float | jax.Array = 0.0,
                 model_args: tuple = (), parameterization: str = "eps", spacing: str = "leading",
                 steps_offset: int = 1, set_alpha_to_one: bool = False,
-                clip_x0: float | None = None, return_trajectory: bool = False):
+                clip_x0: float | None = None, return_trajectory: bool = False,
+                start_step: int = 0, step_hook: StepHook | None = None):
   """DDIM with stochasticity eta (0: deterministic, 1: DDPM's posterior variance).
 
   Defaults are Stable Diffusion's DDIMScheduler (leading spacing, steps_offset=1,
@@ -180,7 +207,8 @@ def ddim_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: DiffusionSchedule,
     return x, (x, x0)
 
   xs = (jnp.asarray(ts, jnp.int32), a_prev, var, _keys(rng, num_steps))
-  return _run(body, jnp.asarray(x_T, jnp.float32), xs, return_trajectory)
+  return _run(body, jnp.asarray(x_T, jnp.float32), xs, return_trajectory, start_step,
+              step_hook)
 
 
 def ddim_invert(denoise_fn: DenoiseFn, x_0: jax.Array, sched: DiffusionSchedule, *,
@@ -205,34 +233,73 @@ def ddim_invert(denoise_fn: DenoiseFn, x_0: jax.Array, sched: DiffusionSchedule,
   return _run(body, jnp.asarray(x_0, jnp.float32), xs, return_trajectory)
 
 
+def dpm_solver_karras_levels(sched: DiffusionSchedule, num_steps: int):
+  """(timesteps int32 (N,), sigmas (N,)) of DPMSolverMultistepScheduler with
+  use_karras_sigmas: Karras' rho = 7 ramp between the table's sigma_max = sigma_{T-1} and
+  sigma_min = sigma_0 (sigma_t = sqrt((1 - abar_t) / abar_t)), each level's model timestep
+  the rounded fractional timestep of its sigma. The solver steps between these sigmas; the
+  model sees the rounded timesteps. Traceable (the schedule may be a runtime value)."""
+  if not 1 <= num_steps < sched.num_timesteps:
+    raise ValueError(f"sampling.num_steps must be in [1, {sched.num_timesteps - 1}], "
+                     f"got {num_steps}")
+  a = jnp.maximum(sched.alphas_cumprod, 2.0 ** -24)
+  table = jnp.sqrt((1.0 - a) / a)
+  sig = karras_sigmas(table[0], table[-1], num_steps)
+  return jnp.round(sigma_to_timestep(sig, table)).astype(jnp.int32), sig
+
+
+def _x0_at_level(x, out, alpha, sigma, parameterization):
+  """x0^ from a model output at the level (alpha, sigma) (`predict_x0_and_eps` reads the
+  schedule's table at t instead; Karras levels lie between the table's entries)."""
+  if parameterization == "eps":
+    return (x - sigma * out) / alpha
+  if parameterization == "x0":
+    return out
+  if parameterization == "v":
+    return alpha * x - sigma * out
+  raise ValueError(f"unknown parameterization {parameterization!r} (eps, v, x0)")
+
+
 def dpm_solver_pp_2m_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: DiffusionSchedule, *,
                             num_steps: int, rng: jax.Array | None = None, model_args: tuple = (),
                             parameterization: str = "eps", spacing: str = "linspace",
                             steps_offset: int = 0, lower_order_final: bool = True,
                             final_sigmas_type: str = "zero", clip_x0: float | None = None,
-                            return_trajectory: bool = False):
+                            return_trajectory: bool = False, start_step: int = 0,
+                            step_hook: StepHook | None = None, use_karras_sigmas: bool = False):
   """DPM-Solver++(2M), multistep data prediction, midpoint form (diffusers' defaults).
 
   The first step is first order; so is the last when lower_order_final and N < 15, or when
   final_sigmas_type='zero' (the last step then lands on sigma = 0 and returns x0^). With
   'sigma_min' it ends at abar_0 instead. Deterministic: `rng` is accepted and ignored.
+  With use_karras_sigmas ("DPM++ 2M Karras") the N levels are `dpm_solver_karras_levels`
+  (`spacing` and `steps_offset` are then unused); x0^ always comes from the level's own
+  (alpha, sigma), as in diffusers.
   """
   del rng
   if final_sigmas_type not in ("zero", "sigma_min"):
     raise ValueError(f"unknown final_sigmas_type {final_sigmas_type!r} "
                      "(sampling.final_sigmas_type: 'zero' or 'sigma_min')")
   n = num_steps
-  ts = dpm_solver_timesteps(spacing, sched.num_timesteps, n, steps_offset)
   a = jnp.maximum(sched.alphas_cumprod, 2.0 ** -24)  # finite lambda at zero terminal SNR
+  if use_karras_sigmas:
+    ts, sig = dpm_solver_karras_levels(sched, n)
+    alpha_n = jax.lax.rsqrt(1.0 + sig * sig)
+    sigma_n = sig * alpha_n
+  else:
+    ts = dpm_solver_timesteps(spacing, sched.num_timesteps, n, steps_offset)
+    alpha_n, sigma_n = jnp.sqrt(a[ts]), jnp.sqrt(1.0 - a[ts])
+  # The final level: sigma = 0 ('zero') or abar_0 ('sigma_min').
   a_final = jnp.ones((1,), jnp.float32) if final_sigmas_type == "zero" else a[:1]
-  levels = jnp.concatenate([a[ts], a_final])  # abar at t_1 .. t_N, then the final level
-  alpha, sigma = jnp.sqrt(levels), jnp.sqrt(1.0 - levels)
+  alpha = jnp.concatenate([alpha_n, jnp.sqrt(a_final)])
+  sigma = jnp.concatenate([sigma_n, jnp.sqrt(1.0 - a_final)])
   lam = jnp.log(alpha) - jnp.log(sigma)  # +inf at sigma = 0
   h = lam[1:] - lam[:-1]
   h_prev = jnp.concatenate([jnp.ones((1,), jnp.float32), h[:-1]])
   second = np.arange(n) >= 1
   if final_sigmas_type == "zero" or (lower_order_final and n < 15):
     second[-1] = False
+  second[min(max(start_step, 0), n - 1)] = False  # the first step run has no history
   c = -alpha[1:] * jnp.expm1(-h)
   inv_r = h / h_prev
   coef_x = sigma[1:] / sigma[:-1]
@@ -241,14 +308,18 @@ def dpm_solver_pp_2m_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: Diffus
 
   def body(carry, inp):
     x, x0_last = carry
-    t, cx, c0, c1 = inp
-    x0, _ = _predict(denoise_fn, sched, x, t, model_args, parameterization, clip_x0)
+    t, al, si, cx, c0, c1 = inp
+    out = jnp.asarray(denoise_fn(x, jnp.full((x.shape[0],), t, jnp.int32), *model_args),
+                      jnp.float32)
+    x0 = _x0_at_level(x, out, al, si, parameterization)
+    if clip_x0 is not None:
+      x0 = jnp.clip(x0, -clip_x0, clip_x0)
     x = cx * x + c0 * x0 + c1 * x0_last
     return (x, x0), (x, x0)
 
   x_T = jnp.asarray(x_T, jnp.float32)
-  xs = (jnp.asarray(ts, jnp.int32), coef_x, coef_d0, coef_d1)
-  return _run(body, (x_T, jnp.zeros_like(x_T)), xs, return_trajectory)
+  xs = (jnp.asarray(ts, jnp.int32), alpha[:-1], sigma[:-1], coef_x, coef_d0, coef_d1)
+  return _run(body, (x_T, jnp.zeros_like(x_T)), xs, return_trajectory, start_step, step_hook)
 
 
 SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpmpp_2m": dpm_solver_pp_2m_sample}
@@ -261,6 +332,41 @@ def sample(sampler: str, denoise_fn: DenoiseFn, x_T: jax.Array, sched: Diffusion
     raise ValueError(f"unknown sampler {sampler!r} (sampling.sampler: one of "
                      f"{', '.join(repr(s) for s in SAMPLERS)})")
   return SAMPLERS[sampler](denoise_fn, x_T, sched, **kwargs)
+
+
+def sampler_levels(sampler: str, sched: DiffusionSchedule, num_steps: int, **kwargs):
+  """(timesteps int32 [N], alpha [N], sigma [N]) of the levels `sample(sampler, ...,
+  num_steps=num_steps, **kwargs)` visits: x_t = alpha x_0 + sigma eps before step i (the
+  levels diffusers' `add_noise` uses for img2img and inpainting). The spacing, steps_offset
+  and use_karras_sigmas come from kwargs, else the sampler's defaults (other keys ignored)."""
+  if sampler not in SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r} (sampling.sampler: one of "
+                     f"{', '.join(repr(s) for s in SAMPLERS)})")
+  params = inspect.signature(SAMPLERS[sampler]).parameters
+  opts = {k: kwargs.get(k, params[k].default) for k in ("spacing", "steps_offset")}
+  if sampler == "dpmpp_2m" and kwargs.get("use_karras_sigmas", False):
+    ts, sig = dpm_solver_karras_levels(sched, num_steps)
+    alpha = jax.lax.rsqrt(1.0 + sig * sig)
+    return ts, alpha, sig * alpha
+  table = dpm_solver_timesteps if sampler == "dpmpp_2m" else timesteps
+  ts = table(opts["spacing"], sched.num_timesteps, num_steps, opts["steps_offset"])
+  a = sched.alphas_cumprod[ts]
+  if sampler == "dpmpp_2m":  # as the solver: finite lambda at zero terminal SNR
+    a = jnp.maximum(a, 2.0 ** -24)
+  return jnp.asarray(ts, jnp.int32), jnp.sqrt(a), jnp.sqrt(1.0 - a)
+
+
+def strength_start_step(num_steps: int, strength: float) -> int:
+  """The first step of an N-step schedule that image-to-image runs (SDEdit; diffusers'
+  img2img `get_timesteps`): the last min(int(N * strength), N) steps run, from the init
+  latents noised to the first of them. Raises ValueError when no step would run."""
+  if not 0.0 < strength <= 1.0:
+    raise ValueError(f"strength={strength} must be in (0, 1]")
+  run = min(int(num_steps * strength), num_steps)
+  if run < 1:
+    raise ValueError(f"strength={strength} runs int({num_steps} * {strength}) = 0 of "
+                     f"{num_steps} steps; raise the strength or the number of steps")
+  return num_steps - run
 
 
 def cfg_denoise(model_fn: DenoiseFn, x_t: jax.Array, t: jax.Array, cond: Any, uncond: Any,

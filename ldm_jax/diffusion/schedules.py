@@ -121,3 +121,25 @@ def make_schedule(kind: str = "scaled_linear", num_timesteps: int = 1000,
   if zero_terminal_snr:
     betas = rescale_zero_terminal_snr(betas)
   return schedule_from_betas(betas)
+
+
+def karras_sigmas(sigma_min, sigma_max, num_steps: int, rho: float = 7.0) -> jnp.ndarray:
+  """Karras et al. 2022 (EDM), eq. 5: N noise levels sigma = sqrt((1 - abar) / abar), descending,
+
+    sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
+
+  i = 0 .. N-1 (N = 1: sigma_max alone). The ends may be traced values."""
+  if num_steps < 1:
+    raise ValueError(f"sampling.num_steps must be >= 1, got {num_steps}")
+  ramp = jnp.linspace(0.0, 1.0, num_steps)
+  lo = jnp.asarray(sigma_min, jnp.float32) ** (1.0 / rho)
+  hi = jnp.asarray(sigma_max, jnp.float32) ** (1.0 / rho)
+  return (hi + ramp * (lo - hi)) ** rho
+
+
+def sigma_to_timestep(sigmas, table_sigmas) -> jnp.ndarray:
+  """The fractional timesteps of noise levels `sigmas`: log sigma interpolated linearly in the
+  (increasing) table of sigma_t, t = 0 .. T-1, and clamped to [0, T-1] outside it."""
+  table = jnp.log(jnp.asarray(table_sigmas, jnp.float32))
+  index = jnp.arange(table.shape[0], dtype=jnp.float32)
+  return jnp.interp(jnp.log(jnp.maximum(jnp.asarray(sigmas, jnp.float32), 1e-10)), table, index)
