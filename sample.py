@@ -17,7 +17,9 @@
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from ldm_jax import console  # noqa: E402  (quiet TensorFlow before anything imports it)
+
+console.quiet_environment()
 
 from absl import app, flags  # noqa: E402
 
@@ -78,6 +80,7 @@ def main(argv):
   from ldm_jax import platform  # noqa: E402
   platform.configure()
   platform.quiet_library_logs()
+  console.setup(FLAGS.verbosity)
   from ldm_jax.pipeline import LatentDiffusionPipeline, StepProgress, sample_grid
   from ldm_jax.sampling_batches import write_image
   try:
@@ -153,11 +156,17 @@ def _sample_in_batches(pipe, kwargs: dict):
     kwargs["progress"] = step_progress
   progress = sb.BatchProgress() if plan.num_batches > 1 else None
   if FLAGS.out_dir is None and not FLAGS.out.endswith(".npz"):
-    images = [batch for _, batch, _ in sb.sample_batches(
-        pipe, plan, labels=FLAGS.label, prompt=FLAGS.prompt, batch_progress=progress,
-        **kwargs)]
+    batches = list(sb.sample_batches(pipe, plan, labels=FLAGS.label, prompt=FLAGS.prompt,
+                                     batch_progress=progress, **kwargs))
+    images = np.concatenate([batch for _, batch, _ in batches])
     n = FLAGS.num_samples
-    return make_grid(np.concatenate(images), ncols=int(np.ceil(np.sqrt(n))))
+    names = list(getattr(pipe, "class_names", None) or [])
+    if FLAGS.label is None and batches[0][2] is not None and names and n % len(names) == 0:
+      # Balanced labels (index % classes): shown one row per class, labelled with its name.
+      labels = np.concatenate([b[2] for b in batches])
+      order = np.argsort(labels, kind="stable")
+      return make_grid(images[order], ncols=n // len(names), row_labels=names)
+    return make_grid(images, ncols=int(np.ceil(np.sqrt(n))))
   named = {k: v for k, v in kwargs.items() if k not in ("init_image", "mask", "progress")}
   settings = sb.settings_of(FLAGS.workdir, plan, FLAGS.label, FLAGS.prompt,
                             init_image=FLAGS.init_image, mask=FLAGS.mask, **named)

@@ -9,10 +9,11 @@ distance on the project's classifier (trained once, cached), and for LDM workdir
 / rFID of the autoencoder on the test split. Same flags, same numbers. See
 docs/BENCHMARKS.md ("Evaluation").
 """
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from ldm_jax import console  # noqa: E402  (quiet TensorFlow before anything imports it)
+
+console.quiet_environment()
 
 from absl import app, flags  # noqa: E402
 
@@ -74,6 +75,7 @@ def main(argv):
   from ldm_jax import platform  # pylint: disable=g-import-not-at-top
   platform.configure()
   platform.quiet_library_logs()
+  console.setup(FLAGS.verbosity)
   absl_logging.set_verbosity(absl_logging.WARNING)  # TFDS / XLA start-up INFO lines
   from ldm_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   from ldm_jax.evaluation import run  # pylint: disable=g-import-not-at-top

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ldm_jax import codecs, diffusion, load, sample_inputs
+from ldm_jax import codecs, console, diffusion, load, sample_inputs
 from ldm_jax import workdir as workdir_lib
 from ldm_jax.diffusion import samplers
 from ldm_jax.errors import UserError
@@ -499,29 +499,22 @@ def scheduler_options(config: ml_collections.ConfigDict, stage: str = "ldm") -> 
 
 
 class StepProgress:
-  """Prints 'step i/N (t=...)  it/s' on one line as the scanned sampler calls back."""
+  """The console progress line of a sampling run ('sampling  step i/N  it/s  ETA'), fed by the
+  scanned sampler's per-step host callback; one line per run of N steps."""
 
-  def __init__(self, num_steps: int, stream=None):
-    import sys  # pylint: disable=g-import-not-at-top
-    import time  # pylint: disable=g-import-not-at-top
-    self._n, self._i, self._stream, self._time = num_steps, 0, stream or sys.stderr, time.time
-    self._start = None
+  def __init__(self, num_steps: int, stream=None, name: str = "sampling"):
+    self._n, self._i, self._stream, self._name = num_steps, 0, stream, name
+    self._line = None
 
   def __call__(self, t: int) -> None:
-    self._start = self._start or self._time()
-    self._i = self._i % self._n + 1
-    elapsed = self._time() - self._start
-    if self._i == 1 or elapsed <= 0:
-      speed = ""
-    else:  # s/it for slow models (a 512x512 SD step on a CPU), it/s otherwise, and the ETA
-      per_step = elapsed / (self._i - 1)
-      speed = (f"  {per_step:.1f} s/it" if per_step >= 1 else f"  {1 / per_step:.1f} it/s")
-      speed += f"  ETA {per_step * (self._n - self._i + 1):.0f} s"
-    end = "\n" if self._i == self._n else ""
-    self._stream.write(f"\rsampling step {self._i}/{self._n} (t={t}){speed}{end}")
-    self._stream.flush()
+    del t  # the step index is what a person follows
+    if self._line is None:
+      self._line = console.Progress(self._name, self._n, stream=self._stream, every_secs=10.0)
+    self._i += 1
+    self._line.update(self._i)
     if self._i == self._n:
-      self._start = None
+      self._line.close()
+      self._line, self._i = None, 0
 
 
 def sample_rows(pipe, conditions: Sequence, per_row: int, *, latents=None,
