@@ -3,7 +3,9 @@
   PixelCodec(resolution, channels)   images resized to `resolution` (the pixel-space model and
                                      every stage of a cascade); decode is the identity
   LatentCodec(autoencoder, scale)    the frozen KL autoencoder: z = scale * a posterior sample;
-                                     decode(z) = autoencoder.decode(z / scale)
+                                     decode(z) = autoencoder.decode(z / scale); the posterior
+                                     is also available as its `moments` (what the stage-2
+                                     latent cache stores) and `from_moments` samples from them
 
 Codecs hold no parameters: `params` is an argument of `encode` / `decode` (the frozen
 autoencoder's parameters, or `{}`), so a train step takes them as a constant, never as train
@@ -15,7 +17,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models.autoencoder import AutoencoderKL
+from ldm_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 
 
 def resize(images: jax.Array, size: int) -> jax.Array:
@@ -62,8 +64,21 @@ class LatentCodec:
 
   def encode(self, params: Any, images: jax.Array, rng: Optional[jax.Array] = None):
     """scale * a posterior sample (the posterior mode when `rng` is None)."""
+    moments = self.moments(params, images)
+    noise = None if rng is None else jax.random.normal(rng, moments.shape[:-1] + self.shape[-1:])
+    return self.from_moments(moments, noise)
+
+  def moments(self, params: Any, images: jax.Array) -> jax.Array:
+    """The posterior q(z | images) as float32 [B, h, w, 2c]: its mean and (clipped)
+    log-variance concatenated on the channel axis, unscaled, without gradient."""
     post = self.autoencoder.apply({"params": params}, images, method=AutoencoderKL.encode)
-    z = post.mode() if rng is None else post.sample(rng)
+    return jax.lax.stop_gradient(jnp.concatenate([post.mean, post.logvar], axis=-1))
+
+  def from_moments(self, moments: jax.Array, noise: Optional[jax.Array] = None) -> jax.Array:
+    """scale * (mean + std * noise) of the posterior given by `moments` (as from `moments`,
+    any float dtype); the scaled mean when `noise` is None."""
+    post = DiagonalGaussian.from_moments(moments)
+    z = post.mode() if noise is None else post.mean + post.std * noise
     return jax.lax.stop_gradient(z) * self.scale
 
   def decode(self, params: Any, z: jax.Array) -> jax.Array:

@@ -60,7 +60,19 @@ def diffusion_stage() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       batch_size=64, num_steps=2000, compute_dtype="float32", log_every=50,
       eval_every=1000, checkpoint_every=1000, keep_checkpoints=2, async_checkpoint=True,
-      progress_every_secs=30.0, profile=False, nonfinite="stop"))
+      progress_every_secs=30.0, profile=False, nonfinite="stop",
+      # In-step gradient accumulation: the global batch runs as this many microbatches
+      # through one lax.scan (gradients summed, one optimizer update); it must divide
+      # batch_size, and batch_size / grad_accum_steps the mesh's batch axes.
+      grad_accum_steps=1,
+      # Latent codec: encode the training set once with the frozen autoencoder and store
+      # the posterior's mean and log-variance (float32) in <workdir>/<stage>/latent_cache/;
+      # each step then samples mean + std * noise instead of running the encoder. Used when
+      # True and the data has no random crop, the cache fits latent_cache_max_gib and the
+      # stage reads at least one epoch (num_steps * batch_size >= records; otherwise
+      # encoding on the fly is cheaper); every skip is logged with its reason. Rebuilt when
+      # the autoencoder, the data or its preprocessing change (ldm_jax/train/latent_cache.py).
+      cache_latents=True, latent_cache_max_gib=4.0))
   c.sample = ml_collections.ConfigDict(dict(
       sampler="ddim", steps=50, guidance=3.0, eta=0.0, num_samples=64))
   return c

@@ -210,7 +210,8 @@ def test_cascade_sample_cli_same_seed_same_png(cascade_workdir, tmp_path, sample
   assert a == sample_cli(cascade_workdir, tmp_path / "b.png", steps=4)
   assert a != sample_cli(cascade_workdir, tmp_path / "c.png", "--aug_level=0.4", steps=4)
   from PIL import Image
-  assert Image.open(tmp_path / "a.png").size == (3 * 34 + 2, 3 * 34 + 2)  # 8 images, 32x32
+  # 8 images of 32x32 in 3 columns, enlarged 6x (the smallest factor giving >= 512 px).
+  assert Image.open(tmp_path / "a.png").size == (3 * (6 * 32 + 2) + 2,) * 2
   sample_cli(cascade_workdir, tmp_path / "t.png", "--trajectory", "--trajectory_frames=3", steps=4)
 
 

@@ -9,6 +9,7 @@ import os
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
+from flax import traverse_util
 
 from ldm_jax.errors import UserError
 
@@ -40,25 +41,12 @@ def file_digest(path: str) -> str:
   return h.hexdigest()[:16]
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, f"{prefix}{k}/"))
-    else:
-      out[f"{prefix}{k}"] = np.asarray(v)
-  return out
+def _flatten(tree: Mapping[str, Any]) -> dict:
+  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(dict(tree), sep="/").items()}
 
 
 def _unflatten(flat: Mapping[str, np.ndarray]) -> dict:
-  tree: dict = {}
-  for k, v in flat.items():
-    node = tree
-    *parents, leaf = k.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
+  return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 def _write_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:

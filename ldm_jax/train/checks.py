@@ -48,6 +48,10 @@ def check_autoencoder_config(config: ml_collections.ConfigDict) -> None:
   check_positive(config, "train.batch_size", "train.num_steps", "train.log_every",
                  "train.eval_every", "train.checkpoint_every", "data.image_size",
                  "autoencoder.ch", "autoencoder.num_res_blocks")
+  if config.train.get("grad_accum_steps", 1) != 1:
+    raise UserError(f"config.train.grad_accum_steps={config.train.grad_accum_steps}: gradient "
+                    "accumulation is for diffusion stages only (the autoencoder's adaptive GAN "
+                    "weight and batch-norm discriminator need the whole batch); use 1")
   f = 2 ** (len(config.autoencoder.ch_mult) - 1)
   if config.data.image_size % f:
     raise UserError(f"config.data.image_size={config.data.image_size} is not divisible by the "
@@ -91,6 +95,10 @@ def _check_stage(config, name: str, before: list) -> None:
   check_positive(config, f"{name}.train.batch_size", f"{name}.train.num_steps",
                  f"{name}.train.log_every", f"{name}.train.eval_every",
                  f"{name}.train.checkpoint_every", f"{name}.unet.model_channels")
+  k = block.train.get("grad_accum_steps", 1)
+  if k < 1 or block.train.batch_size % k:
+    raise UserError(f"config.{name}.train.grad_accum_steps={k} must be a positive divisor of "
+                    f"config.{name}.train.batch_size={block.train.batch_size}")
   if not 0.0 <= block.conditioning.drop_prob < 1.0:
     raise UserError(f"config.{name}.conditioning.drop_prob={block.conditioning.drop_prob} "
                     "must be in [0, 1)")
@@ -150,7 +158,9 @@ _RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
     **{f"train.{k}": _POSITIVE for k in ("batch_size", "num_steps", "checkpoint_every",
                                          "log_every", "eval_every", "eval_batch_size",
                                          "keep_checkpoints", "progress_every_secs")},
-    **{f"train.{k}": _NONNEGATIVE for k in ("eval_max_examples", "num_eval_images")},
+    **{f"train.{k}": _NONNEGATIVE for k in ("eval_max_examples", "num_eval_images",
+                                            "latent_cache_max_gib")},
+    "train.grad_accum_steps": _POSITIVE,
     "sample.steps": _POSITIVE, "sample.num_samples": _POSITIVE, "sample.eta": _NONNEGATIVE,
     **{f"data.{k}": _POSITIVE for k in ("image_size", "channels", "num_threads", "prefetch")},
     **{f"unet.{k}": _POSITIVE for k in ("model_channels", "num_res_blocks", "num_groups",

@@ -7,6 +7,17 @@ the train state. Condition dropout (labels -> the null label, captions -> the em
 trains the unconditional model used by classifier-free guidance. A super-resolution stage
 (`lowres.stage` set) is conditioned on x_0 shrunk to the lower stage's resolution, resized
 back and noised to a random augmentation level that the UNet also receives.
+
+Every random draw of a step (timesteps, noise, the posterior sample of a latent codec, the
+condition dropout, the augmentation level) is made for the whole batch; with
+`train.grad_accum_steps` = k the batch is then split into k microbatches that one `lax.scan`
+runs through the loss and its gradient, summing both, before the one optimizer update, so a
+step with k microbatches equals the step on the whole batch (up to float summation order; the
+network's own dropout masks, drawn per microbatch, are the exception).
+
+With a latent cache (`ldm_jax.train.latent_cache`) the batch's "image" entry holds the cached
+posterior moments [B, h, w, 2c] of the images instead of the images, and the step samples
+x_0 = scale * (mean + std * noise) with the same noise the encoder path would draw.
 """
 import dataclasses
 from typing import Any, Optional
@@ -65,10 +76,14 @@ class DiffusionTask:
 
   def __init__(self, config: ml_collections.ConfigDict, stage: str, codec, num_classes: int,
                tokenizer: Optional[Tokenizer] = None, codec_params: Any = None,
-               lowres_resolution: int = 0):
+               lowres_resolution: int = 0, cached_latents: bool = False):
     block = config[stage]
     self.name, self.config, self.block = stage, config, block
     self.codec, self.codec_params = codec, {} if codec_params is None else codec_params
+    if cached_latents and codec.kind != "latent":
+      raise ValueError(f"{stage}: a latent cache needs a latent codec, not {codec.kind!r}")
+    self.cached_latents = bool(cached_latents)
+    self.grad_accum_steps = int(block.train.get("grad_accum_steps", 1))
     self.dc = DiffusionConfig.from_config(block, lowres_resolution)
     dtype = compute_dtype(block.train.compute_dtype)
     self.shape = tuple(codec.shape)
@@ -98,11 +113,16 @@ class DiffusionTask:
     return (self.codec_params,)
 
   def batch_keys(self) -> dict:
-    """Extra batch entries beyond image/label: name -> (shape suffix, dtype)."""
+    """Batch entries beyond image/label: name -> (shape suffix, dtype); with a latent cache
+    also "image", which then holds the posterior moments (mean, log-variance) of the images."""
+    keys = {}
+    if self.cached_latents:
+      h, w, c = self.shape
+      keys["image"] = ((h, w, 2 * c), jnp.float32)
     if self.dc.cond_kind in TEXT_KINDS:
-      return {"tokens": ((self.dc.max_length,), jnp.int32),
-              "token_mask": ((self.dc.max_length,), jnp.bool_)}
-    return {}
+      keys.update(tokens=((self.dc.max_length,), jnp.int32),
+                  token_mask=((self.dc.max_length,), jnp.bool_))
+    return keys
 
   def condition(self, batch) -> dict:
     if self.dc.cond_kind == "class":
@@ -111,16 +131,40 @@ class DiffusionTask:
       return {"tokens": batch["tokens"], "token_mask": batch["token_mask"]}
     return {}
 
-  def _with_lowres(self, cond: dict, z0, level, rng) -> dict:
+  def _with_lowres(self, cond: dict, z0, level, noise) -> dict:
     """`cond` plus a super-resolution stage's conditioning: x_0's low-resolution version
-    noised to `level` (int [B]), and the level itself."""
+    noised to `level` (int [B]) with `noise` (x_0's shape), and the level itself."""
     low = lowres_condition(z0, self.dc.lowres_resolution)
-    noise = jax.random.normal(rng, low.shape, low.dtype)
-    return {**cond, "aug_level": level,
-            "lowres": diffusion.augment(self.schedule, low, level, noise)}
+    return {**cond, "aug_level": level, "lowres": diffusion.augment(self.schedule, low, level,
+                                                                      noise)}
+
+  def _x0(self, codec_params, batch) -> jax.Array:
+    """x_0 of a batch (or microbatch) whose posterior noise, if any, is batch["post_noise"]."""
+    if self.codec.kind != "latent":
+      return self.codec.encode(codec_params, batch["image"])
+    moments = (batch["image"] if self.cached_latents
+               else self.codec.moments(codec_params, batch["image"]))
+    return self.codec.from_moments(moments, batch["post_noise"])
+
+  def _draws(self, rng, b: int) -> tuple[dict, jax.Array]:
+    """Every random value of a step for a batch of `b` examples, drawn once for the whole
+    batch (so microbatching does not change them), and the dropout rng of the network."""
+    r_post, r_t, r_noise, r_keep, r_drop, r_aug = jax.random.split(rng, 6)
+    shape = (b,) + self.shape
+    draws = {"t": jax.random.randint(r_t, (b,), 0, self.schedule.num_timesteps),
+             "noise": jax.random.normal(r_noise, shape)}
+    if self.codec.kind == "latent":
+      draws["post_noise"] = jax.random.normal(r_post, shape)
+    if self.dc.cond_kind != "none" and self.dc.drop_prob > 0:
+      draws["keep"] = jax.random.uniform(r_keep, (b,)) >= self.dc.drop_prob
+    if self.dc.lowres_resolution:
+      r_level, r_aug_noise = jax.random.split(r_aug)
+      draws["level"] = jax.random.randint(r_level, (b,), 0, self.dc.aug_steps + 1)
+      draws["aug_noise"] = jax.random.normal(r_aug_noise, shape)
+    return draws, r_drop
 
   def make_train_step(self, variant: Any = None):
-    dc, sched = self.dc, self.schedule
+    dc, sched, k = self.dc, self.schedule, self.grad_accum_steps
 
     def loss_fn(params, z0, t, noise, cond, rng):
       z_t = diffusion.q_sample(sched, z0, t, noise)
@@ -130,22 +174,27 @@ class DiffusionTask:
                  if dc.min_snr_gamma > 0 else None)
       return diffusion.diffusion_loss(out, tgt, weights)
 
+    def micro(params, codec_params, mb, r_drop):
+      """(loss, gradients, x_0) of one microbatch `mb` (batch entries and draws)."""
+      z0 = self._x0(codec_params, mb)
+      cond = self.condition(mb)
+      if "keep" in mb:
+        cond = drop_condition(cond, self.model.null_condition(1), mb["keep"])
+      if dc.lowres_resolution:
+        cond = self._with_lowres(cond, z0, mb["level"], mb["aug_noise"])
+      loss, grads = jax.value_and_grad(loss_fn)(params, z0, mb["t"], mb["noise"], cond, r_drop)
+      return loss, grads, z0
+
     def train_step(state: TrainState, batch, rng, codec_params):
       rng = jax.random.fold_in(rng, state.step)
-      r_post, r_t, r_noise, r_keep, r_drop, r_aug = jax.random.split(rng, 6)
-      z0 = self.codec.encode(codec_params, batch["image"], r_post)
-      b = z0.shape[0]
-      t = jax.random.randint(r_t, (b,), 0, sched.num_timesteps)
-      noise = jax.random.normal(r_noise, z0.shape, z0.dtype)
-      cond = self.condition(batch)
-      if cond and dc.drop_prob > 0:
-        keep = jax.random.uniform(r_keep, (b,)) >= dc.drop_prob
-        cond = drop_condition(cond, self.model.null_condition(1), keep)
-      if dc.lowres_resolution:
-        r_level, r_aug_noise = jax.random.split(r_aug)
-        level = jax.random.randint(r_level, (b,), 0, dc.aug_steps + 1)
-        cond = self._with_lowres(cond, z0, level, r_aug_noise)
-      loss, grads = jax.value_and_grad(loss_fn)(state.params, z0, t, noise, cond, r_drop)
+      draws, r_drop = self._draws(rng, batch["image"].shape[0])
+      whole = {**batch, **draws}
+      if k == 1:
+        loss, grads, z0 = micro(state.params, codec_params, whole, r_drop)
+      else:
+        loss, grads, z0 = accumulate(
+            lambda mb, i: micro(state.params, codec_params, mb, jax.random.fold_in(r_drop, i)),
+            whole, k, state.params)
       state = state.apply_gradients(grads)
       out = {"loss": loss, "grad_norm": optax.global_norm(grads),
              "latent_std": jnp.std(z0)}
@@ -165,7 +214,34 @@ class DiffusionTask:
     noise = jax.random.normal(r_noise, z0.shape, z0.dtype)
     cond = self.condition(batch)
     if self.dc.lowres_resolution:
-      cond = self._with_lowres(cond, z0, jnp.full((b,), aug_level, jnp.int32), r_aug)
+      cond = self._with_lowres(cond, z0, jnp.full((b,), aug_level, jnp.int32),
+                               jax.random.normal(r_aug, z0.shape, z0.dtype))
     out = self.model(params, diffusion.q_sample(self.schedule, z0, t, noise), t, cond)
     return diffusion.diffusion_loss(
         out, diffusion.target(self.schedule, z0, noise, t, self.dc.parameterization))
+
+
+def split_microbatches(tree, k: int):
+  """Every [B, ...] leaf as [k, B / k, ...], microbatch i holding rows i, i + k, i + 2k, ...:
+  a device's contiguous block of the batch axis holds rows of every microbatch, so splitting
+  moves no data between devices (when B / k is a multiple of the batch-axis devices)."""
+  def split(x):
+    return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+  return jax.tree.map(split, tree)
+
+
+def accumulate(fn, batch, k: int, params):
+  """Runs `fn(microbatch, i) -> (loss, grads of params, x0)` over the k microbatches of
+  `batch` in one `lax.scan`; returns the mean loss, the mean gradients (each microbatch's loss
+  is a mean over equally many examples, so these are the whole batch's) and every x_0
+  (microbatch-major)."""
+  parts = split_microbatches(batch, k)
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+
+  def body(carry, inputs):
+    mb, i = inputs
+    loss, grads, z0 = fn(mb, i)
+    return jax.tree.map(jnp.add, carry, (loss, grads)), z0
+
+  (loss, grads), z0 = jax.lax.scan(body, zeros, (parts, jnp.arange(k)))
+  return loss / k, jax.tree.map(lambda g: g / k, grads), z0

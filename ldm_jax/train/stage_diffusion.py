@@ -15,7 +15,8 @@ from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.evaluation import images as image_io
 from ldm_jax.models.conditioning import CAPTION_TEMPLATES, Tokenizer, fashion_mnist_captions
 from ldm_jax.pipeline import DiffusionPipeline, load_stages
-from ldm_jax.train import stage_autoencoder
+from ldm_jax.errors import UserError
+from ldm_jax.train import latent_cache, stage_autoencoder
 from ldm_jax.train.diffusion import DiffusionTask
 from ldm_jax.train.loop import train_stage
 
@@ -78,6 +79,18 @@ def estimate_latent_scale(codec, codec_params, batches, num_batches: int, mesh) 
   return 1.0 / std
 
 
+def check_microbatches(train_cfg, stage: str, mesh) -> int:
+  """The microbatch size of `train.grad_accum_steps`; each microbatch must split evenly over
+  the mesh's batch axes (or the scan would move rows between devices)."""
+  k = int(train_cfg.get("grad_accum_steps", 1))
+  micro, div = train_cfg.batch_size // k, sharding.batch_size_divisor(mesh)
+  if micro % div:
+    raise UserError(f"config.{stage}.train.grad_accum_steps={k}: microbatches of "
+                    f"{train_cfg.batch_size} / {k} = {micro} examples do not split over the "
+                    f"mesh's batch axes (data x fsdp = {div})")
+  return micro
+
+
 def _saved_meta(ckpt_dir: str):
   """The meta of the newest checkpoint of a stage (None before its first save)."""
   if not os.path.isdir(ckpt_dir):
@@ -109,13 +122,15 @@ def run_diffusion(config: ml_collections.ConfigDict, stage: str, workdir: str, m
   codec_params = sharding.replicate(jax.device_get(codec_params), mesh)
   low_res = load.lowres_resolution(config, stage)
 
+  microbatch = check_microbatches(block.train, stage, mesh)
+
   train_source = data_lib.make_source(config.data, config.data.train_split)
   class_names = list(train_source.class_names)
   text = block.conditioning.kind == "text"
   captions = training_captions(train_source, class_names) if text else []
-  batches = stage_autoencoder.train_batches(
-      config, train_source, block.train.batch_size,
-      captions=text and train_source.captions is not None)
+  source_captions = text and train_source.captions is not None
+  image_batches = batches = stage_autoencoder.train_batches(
+      config, train_source, block.train.batch_size, captions=source_captions)
 
   meta = _saved_meta(ckpt_dir)
   tokenizer = None
@@ -130,7 +145,7 @@ def run_diffusion(config: ml_collections.ConfigDict, stage: str, workdir: str, m
     elif block.diffusion.latent_scale > 0:
       scale = float(block.diffusion.latent_scale)
     else:
-      scale = estimate_latent_scale(codec, codec_params, batches,
+      scale = estimate_latent_scale(codec, codec_params, image_batches,
                                     block.diffusion.scale_batches, mesh)
     codec = codecs.with_scale(codec, scale)
     block.diffusion.latent_scale = scale
@@ -139,9 +154,23 @@ def run_diffusion(config: ml_collections.ConfigDict, stage: str, workdir: str, m
     scale = 1.0
   logging.info("%s: %s codec, scale %.5f, x_0 shape %s", stage, codec.kind, scale, codec.shape)
 
+  cached, why = latent_cache.decide(block, codec, train_source, config.data, stage)
+  logging.info("%s", why)
+  if cached:
+    cache = latent_cache.open_or_build(stage_dir, codec, codec_params, train_source,
+                                       config.data, mesh, microbatch)
+    batches = latent_cache.CachedBatches(
+        cache, global_batch=block.train.batch_size, seed=config.seed,
+        random_flip=config.data.random_flip, process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        captions=list(train_source.captions) if source_captions else None).iterate
+    if text:
+      batches = with_captions(batches, tokenizer, class_names, block.conditioning.max_length,
+                              config.seed)
+
   num_classes = len(class_names)
   task = DiffusionTask(config, stage, codec, num_classes, tokenizer, codec_params=codec_params,
-                       lowres_resolution=low_res)
+                       lowres_resolution=low_res, cached_latents=cached)
   meta = {"latent_scale": scale, "latent_shape": list(codec.shape), "codec": codec.kind,
           "num_classes": num_classes, "class_names": class_names,
           "tokenizer": tokenizer.to_json() if tokenizer else "",
@@ -155,15 +184,22 @@ def run_diffusion(config: ml_collections.ConfigDict, stage: str, workdir: str, m
         schedule=task.schedule, parameterization=block.diffusion.parameterization,
         class_names=class_names, sample_aug_level=block.lowres.sample_aug_level, name=stage)
     s = block.sample
-    prompt = sample_prompts(captions, s.num_samples) if text else None
+    n, ncols, row_labels = s.num_samples, int(np.ceil(np.sqrt(s.num_samples))), None
+    prompt = sample_prompts(captions, n) if text else None
     kwargs = dict(sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta,
                   prompt=prompt)
+    if block.conditioning.kind == "class" and 0 < num_classes <= n:
+      # One row per class, labelled with its name.
+      ncols = n // num_classes
+      n = ncols * num_classes
+      kwargs["labels"] = np.repeat(np.arange(num_classes), ncols)
+      row_labels = class_names
     if lower is not None:
-      low = lower.sample(s.num_samples, seed=config.seed, as_uint8=False, **kwargs)
-      images = pipe.sample(s.num_samples, seed=config.seed + 1, lowres=low, **kwargs)
+      low = lower.sample(n, seed=config.seed, as_uint8=False, **kwargs)
+      images = pipe.sample(n, seed=config.seed + 1, lowres=low, **kwargs)
     else:
-      images = pipe.sample(s.num_samples, seed=config.seed, **kwargs)
-    grid = image_io.make_grid(images, ncols=int(np.ceil(np.sqrt(s.num_samples))))
+      images = pipe.sample(n, seed=config.seed, **kwargs)
+    grid = image_io.make_grid(images, ncols=ncols, row_labels=row_labels)
     writer.write_images(step, {"samples": grid[None]})
     if jax.process_index() == 0:
       path = os.path.join(stage_dir, f"samples_{step:07d}.png")
