@@ -8,6 +8,9 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax.models.attention import attention
 
 Dtype = Any
 
@@ -22,13 +25,69 @@ def group_norm(channels: int, num_groups: int = 32, name: Optional[str] = None,
   return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, name=name)
 
 
+def _use_window_matmul(inputs, kernel, padding, lhs_dilation, rhs_dilation, groups) -> bool:
+  """True where `window_matmul_conv` replaces XLA's convolution: on CPU only, for NHWC
+  inputs whose whole image is no larger than the kernel window (H * W <= kh * kw, e.g. a 3x3
+  conv at 2x2), where it also does fewer multiplications than the convolution."""
+  if jax.default_backend() != "cpu" or groups != 1 or isinstance(padding, str):
+    return False
+  if any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ())):
+    return False
+  window = kernel.shape[0] * kernel.shape[1]
+  return inputs.ndim == 4 and inputs.shape[1] * inputs.shape[2] <= window
+
+
+def window_matmul_conv(inputs: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
+  """`lax.conv_general_dilated` (NHWC, HWIO, explicit padding) as ONE matmul over the whole
+  image: out[b, (ho, wo, o)] = x[b, (hi, wi, c)] @ W[(hi, wi, c), (ho, wo, o)] with
+  W = kernel[hi - ho * stride + pad_lo, wi - wo * stride + pad_lo] (zero outside the kernel).
+
+  Written by hand because no library lowers small-image convolutions this way: XLA:CPU (jaxlib
+  0.10) runs a 3x3 convolution at 2x2 (batch 128, 256 -> 128 channels) at about 9 GFLOP/s
+  against 270 for this matmul (measured 2026-12-01, docs/BENCHMARKS.md, issue 10). Cost:
+  H*W*Ho*Wo*C*O multiply-adds against Ho*Wo*kh*kw*C*O for the convolution.
+  """
+  b, hgt, wid, c = inputs.shape
+  kh, kw, _, o = kernel.shape
+  (plo_h, phi_h), (plo_w, phi_w) = padding
+  ho = (hgt + plo_h + phi_h - kh) // strides[0] + 1
+  wo = (wid + plo_w + phi_w - kw) // strides[1] + 1
+
+  def taps(size, out, stride, lo, k):  # tap index + 1 per (input, output); 0 or k + 1: zero
+    tap = np.arange(size)[:, None] - np.arange(out)[None, :] * stride + lo
+    return np.where((tap >= 0) & (tap < k), tap + 1, 0)
+
+  padded = jnp.pad(kernel, ((1, 1), (1, 1), (0, 0), (0, 0)))
+  th, tw = taps(hgt, ho, strides[0], plo_h, kh), taps(wid, wo, strides[1], plo_w, kw)
+  w = padded[th[:, None, :, None], tw[None, :, None, :]]  # [H, W, Ho, Wo, C, O]
+  w = jnp.transpose(w, (0, 1, 4, 2, 3, 5)).reshape(hgt * wid * c, ho * wo * o)
+  return (inputs.reshape(b, hgt * wid * c) @ w).reshape(b, ho, wo, o)
+
+
+def _conv_general_dilated(inputs, kernel, window_strides, padding, lhs_dilation=None,
+                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                          precision=None, **kwargs):
+  """`lax.conv_general_dilated` for `nn.Conv`, with `window_matmul_conv` where it is faster."""
+  if _use_window_matmul(inputs, kernel, padding, lhs_dilation, rhs_dilation,
+                        feature_group_count) and not kwargs:
+    expected = jax.lax.conv_dimension_numbers(inputs.shape, kernel.shape,
+                                              ("NHWC", "HWIO", "NHWC"))
+    if dimension_numbers == expected:
+      return window_matmul_conv(inputs, kernel, tuple(window_strides), tuple(padding))
+  return jax.lax.conv_general_dilated(
+      inputs, kernel, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, precision=precision, **kwargs)
+
+
 def conv(features: int, kernel: int = 3, stride: int = 1, name: Optional[str] = None,
          dtype: Dtype = jnp.float32, padding: Any = None) -> nn.Conv:
-  """A square 'same' convolution (torch-style symmetric padding k // 2)."""
+  """A square 'same' convolution (torch-style symmetric padding k // 2). On CPU an image no
+  larger than the kernel window is convolved by `window_matmul_conv` (same parameters)."""
   if padding is None:
     padding = ((kernel // 2, kernel // 2),) * 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                 dtype=dtype, name=name)
+                 dtype=dtype, name=name, conv_general_dilated=_conv_general_dilated)
 
 
 class Downsample(nn.Module):
@@ -104,7 +163,7 @@ class ResBlock(nn.Module):
 class SpatialSelfAttention(nn.Module):
   """Multi-head self-attention over the H*W positions, with a residual connection.
 
-  Uses `jax.nn.dot_product_attention`, which picks a fused kernel where the backend has one.
+  Uses `attention.attention` (cuDNN's fused kernel on GPU, query-chunked on CPU when large).
   Give either `num_heads` or `head_channels` (the other is derived).
   """
   num_heads: int = 1
@@ -122,7 +181,7 @@ class SpatialSelfAttention(nn.Module):
     h = group_norm(c, self.num_groups, "norm", self.dtype, self.eps)(x).reshape(b, hgt * wid, c)
     qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(h)
     q, k, v = (t.reshape(b, hgt * wid, heads, c // heads) for t in jnp.split(qkv, 3, axis=-1))
-    out = jax.nn.dot_product_attention(q, k, v).reshape(b, hgt * wid, c)
+    out = attention(q, k, v).reshape(b, hgt * wid, c)
     out = nn.Dense(c, dtype=self.dtype, name="proj_out")(out)
     return x + out.reshape(b, hgt, wid, c)
 
@@ -173,7 +232,7 @@ class CrossAttention(nn.Module):
     q, k, v = project("to_q", x), project("to_k", context), project("to_v", context)
     if mask is not None:
       mask = jnp.asarray(mask, bool)[:, None, None, :]  # [B, heads, T, S] by broadcasting
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(x.shape[:2] + (inner,))
+    out = attention(q, k, v, mask=mask).reshape(x.shape[:2] + (inner,))
     return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out")(out)
 
 
