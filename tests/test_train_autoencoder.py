@@ -1,6 +1,5 @@
 """Stage-1 training end to end: real data, sharded step equivalence, resume after a kill."""
 import json
-import os
 import pathlib
 import signal
 import subprocess
