@@ -38,7 +38,8 @@ def test_console_is_readable_when_piped(smoke_workdir):
   assert any(line.startswith("== autoencoder: autoencoder, 80 steps") for line in lines), text
   assert any(line.startswith("autoencoder: 80 steps, checkpoints in ") and "test PSNR" in line
              for line in lines), text
-  assert any(line.startswith("ldm  step ") and "ETA" in line for line in lines), text
+  assert any(line.startswith("ldm  step 60/60  loss ") and "steps/s  done" in line
+             for line in lines), text
   assert any(line.startswith("ldm: ") and "final loss" in line for line in lines), text
   assert lines[-1] == f"done: {smoke_workdir / 'summary.json'}"
 
