@@ -47,7 +47,7 @@ class _NoiseFilter(logging.Filter):
 
   def filter(self, record):
     return record.levelno >= logging.ERROR or not any(
-        n in str(record.msg) for n in _NOISE)
+        n in record.getMessage() for n in _NOISE)
 
 
 def setup(verbosity: int = 0) -> None:
