@@ -42,9 +42,11 @@ state = jax.jit(task.init_state, out_shardings=sh, compiler_options=opts)(jax.ra
 consts = sharding.replicate(task.step_constants(), mesh)
 b = c.ldm.train.batch_size
 t0 = time.perf_counter()
-step = StepCompiler(task, abstract_like(abst, sh), sh, batch_spec(b, s, ch, mesh),
-                    mesh, consts)(None)
+compiler = StepCompiler(task, abstract_like(abst, sh), sh, batch_spec(b, s, ch, mesh),
+                        mesh, consts)
+step = compiler(None)
 train_s = time.perf_counter() - t0
+parts = compiler.timings[None]
 pipe = DiffusionPipeline(codec=codec, codec_params=ae_params['params'], model=task.model,
                          params=state.eval_params(), schedule=task.schedule,
                          class_names=[str(i) for i in range(10)])
@@ -54,7 +56,9 @@ t0 = time.perf_counter(); pipe.sample(smp.num_samples, seed=0, **kw)
 first = time.perf_counter() - t0
 t0 = time.perf_counter(); pipe.sample(smp.num_samples, seed=1, **kw)
 warm = time.perf_counter() - t0
-print('RESULT ' + json.dumps(dict(train_step_compile_s=train_s, sampler_first_s=first,
+print('RESULT ' + json.dumps(dict(train_step_compile_s=train_s,
+                                  train_step_trace_lower_s=parts['trace_lower_s'],
+                                  train_step_xla_s=parts['compile_s'], sampler_first_s=first,
                                   sampler_run_s=warm, sampler_compile_s=first - warm)))
 """
 
@@ -78,7 +82,9 @@ def main():
           sys.exit(f"error: the {kind} process failed:\n{done.stderr[-3000:]}")
         out = dict(json.loads(lines[-1][7:]), round=r + 1, cache=kind)
         rows.append(out)
-        print(f"round {r + 1} {kind}: train step compile {out['train_step_compile_s']:6.1f} s,"
+        print(f"round {r + 1} {kind}: train step compile {out['train_step_compile_s']:6.1f} s "
+              f"(trace + lower {out['train_step_trace_lower_s']:.1f} s, XLA compile or cache "
+              f"load {out['train_step_xla_s']:.1f} s),"
               f" sampler compile {out['sampler_compile_s']:6.1f} s "
               f"(first call {out['sampler_first_s']:.1f} s, run {out['sampler_run_s']:.1f} s)",
               flush=True)

@@ -4,7 +4,9 @@
 # 1. installs the `cuda` extra of setup.cfg into .venv when JAX sees no GPU (not in a dry run);
 # 2. benchmarks/gpu_check.py: default and cin256-sized stage-2 train steps in bf16 (MFU from
 #    XLA's FLOP count), the sampler's images/s, the SD-size guided step;
-# 3. benchmarks/vs_diffusers.py --quick --device=cuda, when torch sees a CUDA device.
+# 3. benchmarks/input_pipeline.py: grain threads / worker processes on the host's cores
+#    against the images/s that the cin256-sized step consumes;
+# 4. benchmarks/vs_diffusers.py --quick --device=cuda, when torch sees a CUDA device.
 # --dry_run shrinks every shape and runs all of it on the CPU (a check of the code path).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +39,16 @@ fi
 # 6 minutes on a GPU; a dry run compiles everything on a CPU (minutes on 2 shared cores).
 timeout "$([ -n "$DRY" ] && echo 1200 || echo 360)" "$PY" benchmarks/gpu_check.py $DRY \
   --out="$OUT" | tee "$OUT/gpu_check.log"
+
+# 3. the input pipeline on this host's cores against what the cin256-sized step consumes
+#    (its batch / step time: 256x256 images, encoded inside the step).
+consumes=$("$PY" -c "import json; r = json.load(open('$OUT/gpu_check.json')).get('train_cin256')
+print(r['batch'] / r['sec'] if r else 0)" 2>/dev/null || echo 0)
+timeout 180 "$PY" benchmarks/input_pipeline.py --consumes="$consumes" --threads=4 \
+  $([ -n "$DRY" ] && echo "--images=200 --batches=2 --workers=0,1" \
+                  || echo "--images=1500 --batches=8 --workers=0,2,4") \
+  --out="$OUT/input_pipeline" | tee "$OUT/input_pipeline.log" \
+  || echo "input_pipeline.py stopped (time limit or error)"
 
 if [ -z "$DRY" ]; then
   if "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then

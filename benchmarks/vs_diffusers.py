@@ -272,6 +272,11 @@ def _torch_conv(torch, w: dict, device: str) -> dict:
       torch.cuda.synchronize()
 
   first, secs = _timed(call, w["reps"])
+  if w.get("profile"):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+      call()
+    _write_profile(w, "torch", [(e.key, e.self_cpu_time_total / 1e3, e.count)
+                                for e in prof.key_averages()])
   return dict(first_s=first, secs=secs, threads=torch.get_num_threads())
 
 
@@ -381,12 +386,44 @@ def run_jax(w: dict, variant: str) -> dict:
   if isinstance(flops, (list, tuple)):
     flops = flops[0]
   first, secs = _timed(call, w["reps"])
+  if w.get("profile"):
+    trace_dir = os.path.join(w["profile"], f"{w['name']}_{variant}_trace")
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      call()
+    _write_profile(w, variant, _xla_ops(trace_dir))
   out = dict(first_s=first, secs=secs, gflop=flops["flops"] * calls / 1e9,
              backend=jax.default_backend())
   stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
   if stats and "peak_bytes_in_use" in stats:
     out["device_peak_mb"] = stats["peak_bytes_in_use"] / 2 ** 20
   return out
+
+
+def _xla_ops(trace_dir: str) -> list:
+  """(name, total ms, count) of every complete event of the perfetto trace jax.profiler wrote
+  (XLA:CPU emits one per executed thunk: a fusion, convolution, dot, copy, ...)."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  path, = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+  with gzip.open(path, "rt") as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  totals = {}
+  for e in events:
+    if e.get("ph") == "X" and "dur" in e:
+      ms, n = totals.get(e["name"], (0.0, 0))
+      totals[e["name"]] = (ms + e["dur"] / 1e3, n + 1)
+  return [(k, ms, n) for k, (ms, n) in totals.items()]
+
+
+def _write_profile(w: dict, side: str, ops: list) -> None:
+  """The 40 most expensive ops of one profiled call into <profile>/<workload>_<side>.txt."""
+  ops = sorted(ops, key=lambda o: -o[1])
+  lines = [f"{w['name']} ({side}): one call, by self time", f"{'ms':>10} {'count':>6}  op"]
+  lines += [f"{ms:10.2f} {n:6d}  {name[:110]}" for name, ms, n in ops[:40]]
+  os.makedirs(w["profile"], exist_ok=True)
+  with open(os.path.join(w["profile"], f"{w['name']}_{side}.txt"), "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
 
 
 def child(spec: dict) -> None:
@@ -451,6 +488,8 @@ def main():
   p.add_argument("--torch_threads", type=int, default=0,
                  help="torch.set_num_threads in the torch processes (0: torch's default)")
   p.add_argument("--out", default="", help="folder for vs_diffusers.md and vs_diffusers.json")
+  p.add_argument("--profile", default="", help="folder: after timing, profile one more call "
+                 "on each side (torch.profiler, jax.profiler) and write its top ops there")
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child is not None:
@@ -459,8 +498,9 @@ def main():
   table = workloads(args.quick)
   if args.dry_run:
     table = {n: shrink(w) for n, w in table.items()}
-  for w in table.values():
-    w["torch_threads"] = args.torch_threads
+  for name, w in table.items():
+    w.update(torch_threads=args.torch_threads, name=name,
+             profile=os.path.abspath(args.profile) if args.profile else "")
   names = [n for n in args.only.split(",") if n] or [
       n for n, w in table.items()
       if not (args.quick and w.get("full_only")) and not w.get("on_request")]

@@ -1,4 +1,5 @@
 """Tests for ldm_jax.data: Fashion-MNIST builder, sources, preprocessing, sampling, batching."""
+import contextlib
 import gzip
 import itertools
 import time
@@ -324,6 +325,24 @@ def test_batch_stream_propagates_worker_errors():
       pass
 
 
+def test_batch_stream_worker_processes_give_the_batches_of_get(tmp_path):
+  """grain worker processes (spawned; the folder source pickled into them) make the same
+  batches as `get`, in order, from any start step; a broken file surfaces as its one-line
+  error in the training process."""
+  _write_folder(tmp_path)
+  source = sources.folder_source(tmp_path)
+  stream = _stream(source, global_batch=4, num_threads=2, num_workers=2)
+  with contextlib.closing(stream.iterate(5)) as batches:
+    got = list(itertools.islice(batches, 4))
+  for k, batch in enumerate(got, 5):
+    _assert_batches_equal(batch, stream.get(k))
+  (tmp_path / 'cat' / 'x.jpeg').write_bytes(b'\xff\xd8 damaged after the source was built')
+  with pytest.raises(UserError, match='x.jpeg'):
+    with contextlib.closing(_stream(source, global_batch=3, num_workers=1).iterate(0)) as it:
+      for _ in itertools.islice(it, 3):
+        pass
+
+
 @needs_fashion_mnist
 def test_batch_stream_on_fashion_mnist(fashion_train):
   stream = data.BatchStream(fashion_train, global_batch=16, image_size=32, channels=1, seed=0)
@@ -331,6 +350,10 @@ def test_batch_stream_on_fashion_mnist(fashion_train):
   assert batch['image'].shape == (16, 32, 32, 1) and batch['image'].dtype == np.float32
   assert -1 <= batch['image'].min() < batch['image'].max() <= 1
   _assert_batches_equal(batch, stream.get(3))
+  workers = data.BatchStream(fashion_train, global_batch=16, image_size=32, channels=1, seed=0,
+                             num_workers=1)  # the TFDS array_record source pickles
+  with contextlib.closing(workers.iterate(3)) as batches:
+    _assert_batches_equal(next(batches), batch)
 
 
 # --- eval_batches --------------------------------------------------------------------------------

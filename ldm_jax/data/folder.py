@@ -113,6 +113,16 @@ class FolderSource:
       raise UserError(f'data.folder {self.path}: class folder(s) {lost} hold no decodable '
                       'image')
 
+  def __getstate__(self) -> dict[str, Any]:
+    """Pickled into grain's worker processes: everything but the (per-process) lock."""
+    state = dict(self.__dict__)
+    del state['_lock']
+    return state
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
   def __len__(self) -> int:
     return len(self.files)
 

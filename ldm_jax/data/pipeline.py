@@ -1,18 +1,18 @@
-"""From a random-access source to fixed-shape float batches: preprocessing, sampling, prefetch.
+"""From a random-access source to fixed-shape float batches: preprocessing and sampling.
 
 Training reads `BatchStream.get(step)` / `BatchStream.iterate(start_step)`: batch `step` is a
 pure function of (seed, step), so resuming at a step needs no saved iterator state. Evaluation
-reads `eval_batches`, one ordered pass with a padding mask.
+reads `eval_batches`, one ordered pass with a padding mask. Both are made ahead by grain
+(`loader.prefetched`: reader threads, optional worker processes).
 """
-import collections
-import concurrent.futures
 import functools
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import ml_collections
 import numpy as np
 from PIL import Image
 
+from ldm_jax.data import loader
 from ldm_jax.errors import UserError
 
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601, as PIL's convert('L').
@@ -38,8 +38,11 @@ def default_data_config() -> ml_collections.ConfigDict:
       'random_crop': False,
       'random_flip': False,
       'download': False,  # Whether TFDS may download (and prepare) missing data.
-      'num_threads': 4,
-      'prefetch': 2,
+      'num_threads': 4,  # Batches made at once (grain reader threads), in each process.
+      'prefetch': 2,  # Batches made ahead (at least num_threads).
+      # grain worker processes making batches (0: threads of the training process only). Each
+      # spawned worker imports the data code and unpickles the source (a few seconds at start).
+      'num_workers': 0,
   })
 
 
@@ -86,7 +89,7 @@ def preprocess(image: np.ndarray, image_size: int, channels: int, random_crop: b
   return x / 127.5 - 1.0
 
 
-# Why not grain's IndexSampler: here the stream position of an example is simply
+# Why not grain's IndexSampler (grain runs the batches: loader.py): here the stream position of an example is simply
 # `step * global_batch + j`, so the indices of any batch are a pure function of (seed, step).
 # Resuming from a checkpoint at step k is exact by construction and the checkpoint stores no
 # iterator state; tfds's `data_source` already gives the random access, and the function is
@@ -131,43 +134,12 @@ def _local_batch(global_batch: int, process_count: int) -> int:
   return global_batch // process_count
 
 
-def _prefetched(batches: Iterator[list[Callable[[], Any]]], num_threads: int,
-                prefetch: int) -> Iterator[list[Any]]:
-  """Runs each batch's tasks on a thread pool, `prefetch` batches ahead; yields their results.
-
-  Results come back in order; a task's exception is raised here (for the batch it belongs to),
-  and closing the generator cancels what has not started.
-  """
-  pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads),
-                                               thread_name_prefix='ldm_data')
-  pending = collections.deque()
-  try:
-    for tasks in batches:
-      pending.append([pool.submit(task) for task in tasks])
-      if len(pending) > max(0, prefetch):
-        yield [f.result() for f in pending.popleft()]
-    while pending:
-      yield [f.result() for f in pending.popleft()]
-  finally:
-    # Cancel by hand rather than shutdown(cancel_futures=True), which fails when the generator
-    # is only collected at interpreter exit (module globals already cleared).
-    for futures in pending:
-      for f in futures:
-        f.cancel()
-    pool.shutdown(wait=False)
-
-
 def _read(source: Sequence[dict[str, Any]], indices: np.ndarray) -> list[dict[str, Any]]:
   """source[i] for i in indices, batched through `__getitems__` when the source has it."""
   indices = [int(i) for i in indices]
   if hasattr(source, '__getitems__'):
     return source.__getitems__(indices)
   return [source[i] for i in indices]
-
-
-def _chunks(n: int, num_chunks: int) -> list[slice]:
-  bounds = np.linspace(0, n, min(n, max(1, num_chunks)) + 1).astype(int)
-  return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 class BatchStream:
@@ -182,7 +154,7 @@ class BatchStream:
   def __init__(self, source: Sequence[dict[str, Any]], *, global_batch: int, image_size: int,
                channels: int, seed: int, random_crop: bool = False, random_flip: bool = False,
                process_index: int = 0, process_count: int = 1, num_threads: int = 4,
-               prefetch: int = 2, captions: bool = False):
+               prefetch: int = 2, num_workers: int = 0, captions: bool = False):
     if not 0 <= process_index < process_count:
       raise ValueError(f'process_index={process_index} not in [0, {process_count})')
     if seed < 0:
@@ -201,6 +173,7 @@ class BatchStream:
     self.process_index = process_index
     self.num_threads = num_threads
     self.prefetch = prefetch
+    self.num_workers = num_workers
     self.num_records = len(source)
     global_indices(0, global_batch, self.num_records, seed)  # Validates early.
 
@@ -232,30 +205,16 @@ class BatchStream:
     return self._decode(*self._local_rows(step))
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Batches start_step, start_step + 1, ..., decoded ahead on `num_threads` threads."""
-    def tasks(step):
-      indices, positions = self._local_rows(step)
-      return [functools.partial(self._decode, indices[s], positions[s])
-              for s in _chunks(self.local_batch, self.num_threads)]
-
-    def all_tasks():
-      step = start_step
-      while True:
-        yield tasks(step)
-        step += 1
-
-    for parts in _prefetched(all_tasks(), self.num_threads, self.prefetch):
-      yield _concat(parts)
-
-
-def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    """`get(start_step)`, `get(start_step + 1)`, ... made ahead by grain (`loader.prefetched`:
+    `num_threads` threads, `num_workers` worker processes)."""
+    return loader.prefetched(self.get, start_step, num_threads=self.num_threads,
+                             prefetch=self.prefetch, num_workers=self.num_workers)
 
 
 def eval_batches(source: Sequence[dict[str, Any]], *, global_batch: int, image_size: int,
                  channels: int, process_index: int = 0, process_count: int = 1,
                  max_examples: int | None = None, num_threads: int = 4,
-                 prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+                 prefetch: int = 2, num_workers: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """One in-order pass over `source` (its first `max_examples`), no augmentation.
 
   Yields this process's rows of each global batch: 'image' f32 [B, H, W, C], 'label' i32 [B] and
@@ -267,7 +226,9 @@ def eval_batches(source: Sequence[dict[str, Any]], *, global_batch: int, image_s
   total = len(source) if max_examples is None else min(len(source), max_examples)
   num_batches = -(-total // global_batch)
 
-  def decode(positions):
+  def decode(k):
+    positions = (k * global_batch + process_index * local_batch
+                 + np.arange(local_batch, dtype=np.int64))
     images = np.zeros((len(positions), image_size, image_size, channels), np.float32)
     labels = np.zeros((len(positions),), np.int32)
     mask = (positions < total).astype(np.float32)
@@ -277,12 +238,5 @@ def eval_batches(source: Sequence[dict[str, Any]], *, global_batch: int, image_s
       labels[row] = example['label']
     return {'image': images, 'label': labels, 'mask': mask}
 
-  def all_tasks():
-    for k in range(num_batches):
-      positions = (k * global_batch + process_index * local_batch
-                   + np.arange(local_batch, dtype=np.int64))
-      yield [functools.partial(decode, positions[s])
-             for s in _chunks(local_batch, num_threads)]
-
-  for parts in _prefetched(all_tasks(), num_threads, prefetch):
-    yield _concat(parts)
+  return loader.prefetched(decode, 0, num_batches, num_threads=num_threads, prefetch=prefetch,
+                           num_workers=num_workers)

@@ -163,6 +163,7 @@ _RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
     "train.grad_accum_steps": _POSITIVE,
     "sample.steps": _POSITIVE, "sample.num_samples": _POSITIVE, "sample.eta": _NONNEGATIVE,
     **{f"data.{k}": _POSITIVE for k in ("image_size", "channels", "num_threads", "prefetch")},
+    "data.num_workers": _NONNEGATIVE,
     **{f"unet.{k}": _POSITIVE for k in ("model_channels", "num_res_blocks", "num_groups",
                                         "num_heads")},
     **{f"autoencoder.{k}": _POSITIVE for k in ("ch", "num_res_blocks", "num_groups",

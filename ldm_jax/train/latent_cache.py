@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax import data as data_lib
+from ldm_jax.data import loader as data_loader
 from ldm_jax import distributed, sharding
 from ldm_jax.errors import UserError
 
@@ -266,7 +267,6 @@ class CachedBatches:
     return batch
 
   def iterate(self, start_step: int = 0) -> Iterator[dict]:
-    step = start_step
-    while True:
-      yield self.get(step)
-      step += 1
+    """`get(start_step)`, `get(start_step + 1)`, ... read ahead by grain reader threads (a
+    memory-mapped read per batch: no worker processes, which would copy the mapped file)."""
+    return data_loader.prefetched(self.get, start_step, num_threads=2, prefetch=2)

@@ -22,6 +22,7 @@ import concurrent.futures
 import logging
 import os
 import threading
+import time
 from typing import Any, Callable, Iterator, Optional
 
 import jax
@@ -106,13 +107,22 @@ class StepCompiler:
     self._out_shardings = (state_shardings, repl, repl)
     self._compiled = {}
     self._futures = {}
+    self.timings = {}  # variant -> {'trace_lower_s', 'compile_s'}
 
   def _compile(self, variant):
     fn = jax.jit(guarded_step(self._task.make_train_step(variant)),
                  in_shardings=self._in_shardings,
                  out_shardings=self._out_shardings, donate_argnums=0)
     logging.info("compiling %s step (variant %r)", self._task.name, variant)
-    return fn.lower(*self._args).compile(self._options)
+    t0 = time.perf_counter()
+    lowered = fn.lower(*self._args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile(self._options)
+    self.timings[variant] = dict(trace_lower_s=t1 - t0, compile_s=time.perf_counter() - t1)
+    logging.info("%s step (variant %r): traced and lowered in %.1f s, compiled (or loaded "
+                 "from the compilation cache) in %.1f s", self._task.name, variant,
+                 *self.timings[variant].values())
+    return compiled
 
   def start(self, variants) -> None:
     """Compiles `variants` (in this order) in one background thread."""

@@ -22,7 +22,7 @@ def train_batches(config, source, batch_size=None, captions=False):
       channels=d.channels, seed=config.seed, random_crop=d.random_crop,
       random_flip=d.random_flip, process_index=jax.process_index(),
       process_count=jax.process_count(), num_threads=d.num_threads, prefetch=d.prefetch,
-      captions=captions)
+      num_workers=d.get('num_workers', 0), captions=captions)
   return stream.iterate
 
 
