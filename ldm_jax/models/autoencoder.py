@@ -72,7 +72,7 @@ class Encoder(nn.Module):
     if self.mid_attention:
       h = layers.SpatialSelfAttention(name="mid_attn", **kw)(h)
     h = layers.ResBlock(h.shape[-1], self.dropout, name="mid_res1", **kw)(h, train=train)
-    h = nn.silu(layers.group_norm(h.shape[-1], self.num_groups, "norm_out", self.dtype)(h))
+    h = layers.group_norm(h.shape[-1], self.num_groups, "norm_out", self.dtype)(h, silu=True)
     return layers.conv(self.out_channels, 3, dtype=self.dtype, name="conv_out")(h)
 
 
@@ -124,7 +124,7 @@ class Decoder(nn.Module):
           h = att(h)
       if up is not None:
         h = up(h)
-    return nn.silu(self.norm_out(h))
+    return self.norm_out(h, silu=True)
 
   def head(self, h):
     return self.conv_out(h).astype(jnp.float32)

@@ -10,19 +10,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.models import norm as norm_lib
 from ldm_jax.models.attention import attention
 
 Dtype = Any
 
 
+class GroupNorm(nn.Module):
+  """GroupNorm over channels-last inputs, with the per-sample `mul`/`add` and SiLU that follow
+  it in ResBlocks fused in (`norm.group_norm`: a hand-written gradient). Parameters as Flax's
+  nn.GroupNorm ('scale' [C] ones, 'bias' [C] zeros), so checkpoints and converters are the
+  same; statistics in float32, the output in `dtype`."""
+  num_groups: int
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mul=None, add=None, silu: bool = False):
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    return norm_lib.group_norm(x, scale, bias, groups=self.num_groups, eps=self.epsilon,
+                               mul=mul, add=add, silu=silu, dtype=self.dtype)
+
+
 def group_norm(channels: int, num_groups: int = 32, name: Optional[str] = None,
-               dtype: Dtype = jnp.float32, eps: float = 1e-6) -> nn.GroupNorm:
+               dtype: Dtype = jnp.float32, eps: float = 1e-6) -> GroupNorm:
   """GroupNorm (eps=1e-6 as in LDM's autoencoder and transformers; LDM's UNet ResBlocks and
   diffusers' UNets use 1e-5); falls back to fewer groups for narrow layers."""
   groups = min(num_groups, channels)
   while channels % groups:
     groups -= 1
-  return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, name=name)
+  return GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, name=name)
 
 
 def _use_window_matmul(inputs, kernel, padding, lhs_dilation, rhs_dilation, groups) -> bool:
@@ -140,20 +159,20 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x, emb=None, *, train: bool = False):
     in_ch = x.shape[-1]
-    h = nn.silu(group_norm(in_ch, self.num_groups, "norm1", self.dtype, self.eps)(x))
+    h = group_norm(in_ch, self.num_groups, "norm1", self.dtype, self.eps)(x, silu=True)
     h = conv(self.out_channels, 3, dtype=self.dtype, name="conv1")(h)
     if emb is not None:
       e = nn.Dense(self.out_channels * (2 if self.scale_shift_norm else 1), dtype=self.dtype,
-                   name="emb_proj")(nn.silu(emb))[:, None, None, :]
+                   name="emb_proj")(nn.silu(emb))
     norm2 = group_norm(self.out_channels, self.num_groups, "norm2", self.dtype, self.eps)
     if emb is not None and self.scale_shift_norm:
       scale, shift = jnp.split(e, 2, axis=-1)
-      h = norm2(h) * (1 + scale) + shift
+      h = norm2(h, mul=1 + scale, add=shift, silu=True)
     else:
       if emb is not None:
-        h = h + e
-      h = norm2(h)
-    h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+        h = h + e[:, None, None, :]
+      h = norm2(h, silu=True)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = conv(self.out_channels, 3, dtype=self.dtype, name="conv2")(h)
     if in_ch != self.out_channels:
       x = conv(self.out_channels, 1, dtype=self.dtype, name="skip")(x)

@@ -246,8 +246,8 @@ class UNet(nn.Module):
         h = layers.Upsample(h.shape[-1], self.conv_resample, self.dtype,
                             name=f"up{level}_upsample")(h)
 
-    h = nn.silu(layers.group_norm(h.shape[-1], self.num_groups, "norm_out", self.dtype,
-                                  self.norm_eps)(h))
+    h = layers.group_norm(h.shape[-1], self.num_groups, "norm_out", self.dtype,
+                          self.norm_eps)(h, silu=True)
     out = nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                   kernel_init=nn.initializers.zeros, name="conv_out")(h)
     return out.astype(jnp.float32)
