@@ -254,6 +254,11 @@ def run_torch(w: dict, device: str) -> dict:
       torch.cuda.synchronize()
 
   first, secs = _timed(synced, w["reps"])
+  if w.get("profile"):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+      synced()
+    _write_profile(w, "torch", [(e.key, e.self_cpu_time_total / 1e3, e.count)
+                                for e in prof.key_averages()])
   out = dict(first_s=first, secs=secs, threads=torch.get_num_threads())
   if cuda:
     out["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
@@ -272,11 +277,6 @@ def _torch_conv(torch, w: dict, device: str) -> dict:
       torch.cuda.synchronize()
 
   first, secs = _timed(call, w["reps"])
-  if w.get("profile"):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-      call()
-    _write_profile(w, "torch", [(e.key, e.self_cpu_time_total / 1e3, e.count)
-                                for e in prof.key_averages()])
   return dict(first_s=first, secs=secs, threads=torch.get_num_threads())
 
 

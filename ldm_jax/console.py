@@ -9,12 +9,13 @@ On a terminal the progress line is rewritten in place (carriage return); piped t
 written as a whole line every `every_secs` seconds and at the end, so logs get no flood of
 carriage returns. Printing is by process 0 only.
 """
+import functools
 import logging
 import math
 import os
 import sys
 import time
-from typing import Mapping, Optional, TextIO
+from typing import Callable, Mapping, Optional, TextIO
 
 # Environment read by TensorFlow (imported by clu and TFDS) at import: its C++ INFO notices
 # ("oneDNN custom operations are on") go to stderr otherwise. TF computes nothing here, so
@@ -50,9 +51,14 @@ class _NoiseFilter(logging.Filter):
         n in record.getMessage() for n in _NOISE)
 
 
+_verbosity: Optional[int] = None  # what `setup` was last called with in this process
+
+
 def setup(verbosity: int = 0) -> None:
   """Console logging for an entry point: with verbosity <= 0 only warnings and errors of the
   log reach the terminal, in short form; with >= 1 absl's INFO lines and format come back."""
+  global _verbosity
+  _verbosity = verbosity
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   handler = absl_logging.get_absl_handler()
   if verbosity >= 1:
@@ -61,6 +67,23 @@ def setup(verbosity: int = 0) -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)
   handler.setFormatter(_ShortFormatter())
   handler.addFilter(_NoiseFilter())
+
+
+def worker_init() -> Optional[Callable[[int, int], None]]:
+  """For the input pipeline's worker processes (grain's `worker_init_fn`): the console setup
+  of this process, so that a worker's log reads like the trainer's; None when this process
+  never called `setup` (a library user keeps their own logging)."""
+  if _verbosity is None:
+    return None
+  return functools.partial(_setup_worker, _verbosity)
+
+
+def _setup_worker(verbosity: int, worker_index: int, worker_count: int) -> None:
+  del worker_index, worker_count
+  quiet_environment()
+  setup(verbosity)
+  if verbosity <= 0:  # a spawned worker may log through Python's default handler, not absl's
+    logging.getLogger("absl").addFilter(_NoiseFilter())
 
 
 def _is_main_process() -> bool:

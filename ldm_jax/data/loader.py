@@ -14,17 +14,19 @@ and multi-host runs share, batch rows split between processes), and augmentation
 global stream position; both are functions of the batch index that grain's samplers do not
 express, while grain still owns the execution: threads, processes, buffering and shutdown.
 """
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from absl import flags
 import grain
+import numpy as np
 
 # A training stream has no end, but a grain dataset has a length.
 ENDLESS = 2 ** 62
 
 
 def prefetched(make_batch: Callable[[int], Any], start: int, stop: int = ENDLESS, *,
-               num_threads: int, prefetch: int, num_workers: int = 0) -> Iterator[Any]:
+               num_threads: int, prefetch: int, num_workers: int = 0,
+               worker_init: Optional[Callable[[int, int], None]] = None) -> Iterator[Any]:
   """`make_batch(k)` for k = start, start + 1, ..., stop - 1, computed ahead.
 
   `num_threads` batches are made at once (each by one thread), up to `max(prefetch,
@@ -32,6 +34,7 @@ def prefetched(make_batch: Callable[[int], Any], start: int, stop: int = ENDLESS
   everything it references, e.g. the data source) runs in that many spawned worker processes,
   each with its own threads. An exception raised by `make_batch` is raised here, at the batch
   it belongs to. Closing the generator (`.close()`, or exhausting it) stops threads and workers.
+  `worker_init(worker_index, worker_count)` runs first in each worker (e.g. logging setup).
   """
   if num_threads < 1 or prefetch < 1 or num_workers < 0:
     raise ValueError(f'num_threads={num_threads} and prefetch={prefetch} must be positive and '
@@ -42,14 +45,25 @@ def prefetched(make_batch: Callable[[int], Any], start: int, stop: int = ENDLESS
   if num_workers:
     _grain_flags_readable()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=max(1, prefetch)))
+        num_workers=num_workers, per_worker_buffer_size=max(1, prefetch)),
+                                  worker_init_fn=worker_init)
   iterator = iter(dataset)
   try:
-    yield from iterator
+    for batch in iterator:
+      # A worker's arrays arrive in shared memory, unlinked when the last reference goes (in a
+      # background thread). Copying them out releases each segment at once, so none is left
+      # for the resource tracker to report when the trainer exits (os._exit) right after a step.
+      yield _copied(batch) if num_workers else batch
   finally:
     close = getattr(iterator, 'close', None)  # Worker processes; threads stop with the buffer.
     if close is not None:
       close()
+
+
+def _copied(batch: Any) -> Any:
+  if isinstance(batch, dict):
+    return {k: _copied(v) for k, v in batch.items()}
+  return np.array(batch, copy=True) if isinstance(batch, np.ndarray) else batch
 
 
 def _grain_flags_readable() -> None:

@@ -6,7 +6,7 @@ reads `eval_batches`, one ordered pass with a padding mask. Both are made ahead 
 (`loader.prefetched`: reader threads, optional worker processes).
 """
 import functools
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import ml_collections
 import numpy as np
@@ -154,7 +154,8 @@ class BatchStream:
   def __init__(self, source: Sequence[dict[str, Any]], *, global_batch: int, image_size: int,
                channels: int, seed: int, random_crop: bool = False, random_flip: bool = False,
                process_index: int = 0, process_count: int = 1, num_threads: int = 4,
-               prefetch: int = 2, num_workers: int = 0, captions: bool = False):
+               prefetch: int = 2, num_workers: int = 0, captions: bool = False,
+               worker_init: Optional[Callable[[int, int], None]] = None):
     if not 0 <= process_index < process_count:
       raise ValueError(f'process_index={process_index} not in [0, {process_count})')
     if seed < 0:
@@ -174,6 +175,7 @@ class BatchStream:
     self.num_threads = num_threads
     self.prefetch = prefetch
     self.num_workers = num_workers
+    self.worker_init = worker_init
     self.num_records = len(source)
     global_indices(0, global_batch, self.num_records, seed)  # Validates early.
 
@@ -208,7 +210,8 @@ class BatchStream:
     """`get(start_step)`, `get(start_step + 1)`, ... made ahead by grain (`loader.prefetched`:
     `num_threads` threads, `num_workers` worker processes)."""
     return loader.prefetched(self.get, start_step, num_threads=self.num_threads,
-                             prefetch=self.prefetch, num_workers=self.num_workers)
+                             prefetch=self.prefetch, num_workers=self.num_workers,
+                             worker_init=self.worker_init)
 
 
 def eval_batches(source: Sequence[dict[str, Any]], *, global_batch: int, image_size: int,

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 
 from ldm_jax import data as data_lib
-from ldm_jax import sharding
+from ldm_jax import console, sharding
 from ldm_jax.evaluation import images as image_io
 from ldm_jax.train.autoencoder import AutoencoderTask
 from ldm_jax.train.loop import train_stage
@@ -22,7 +22,7 @@ def train_batches(config, source, batch_size=None, captions=False):
       channels=d.channels, seed=config.seed, random_crop=d.random_crop,
       random_flip=d.random_flip, process_index=jax.process_index(),
       process_count=jax.process_count(), num_threads=d.num_threads, prefetch=d.prefetch,
-      num_workers=d.get('num_workers', 0), captions=captions)
+      num_workers=d.get('num_workers', 0), captions=captions, worker_init=console.worker_init())
   return stream.iterate
 
 
