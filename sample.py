@@ -81,7 +81,8 @@ def main(argv):
   platform.configure()
   platform.quiet_library_logs()
   console.setup(FLAGS.verbosity)
-  from ldm_jax.pipeline import LatentDiffusionPipeline, StepProgress, sample_grid
+  from ldm_jax.pipeline import LatentDiffusionPipeline
+  from ldm_jax.pipeline_runs import StepProgress, sample_grid
   from ldm_jax.sampling_batches import write_image
   try:
     pipe = LatentDiffusionPipeline.from_workdir(FLAGS.workdir)
@@ -168,8 +169,11 @@ def _sample_in_batches(pipe, kwargs: dict):
       return make_grid(images[order], ncols=n // len(names), row_labels=names)
     return make_grid(images, ncols=int(np.ceil(np.sqrt(n))))
   named = {k: v for k, v in kwargs.items() if k not in ("init_image", "mask", "progress")}
+  # The checkpoint steps too: a restart after a newer checkpoint was saved is refused rather
+  # than mixing the images of two models in one folder.
   settings = sb.settings_of(FLAGS.workdir, plan, FLAGS.label, FLAGS.prompt,
-                            init_image=FLAGS.init_image, mask=FLAGS.mask, **named)
+                            init_image=FLAGS.init_image, mask=FLAGS.mask,
+                            checkpoint_steps=pipe.checkpoint_steps, **named)
   sink = (sb.PngDirSink(FLAGS.out_dir, plan, settings) if FLAGS.out_dir is not None else
           sb.NpzSink(FLAGS.out, plan, settings))
   path = sb.run_to_sink(pipe, plan, sink, labels=FLAGS.label, prompt=FLAGS.prompt,
@@ -213,7 +217,7 @@ def _write_rows(pipe, kwargs: dict) -> None:
   from ldm_jax import sample_inputs
   from ldm_jax.errors import UserError
   from ldm_jax.evaluation.images import make_grid
-  from ldm_jax.pipeline import sample_rows
+  from ldm_jax.pipeline_runs import sample_rows
   from ldm_jax.sampling_batches import write_image
   for name in ("prompt", "label", "trajectory"):
     if getattr(FLAGS, name):

@@ -1,6 +1,6 @@
 """ldm_jax against the PyTorch reference (diffusers + torch), side by side on this machine.
 
-  python benchmarks/vs_diffusers.py --out=runs/vs_diffusers            # full, ~15 min, 2 cores
+  python benchmarks/vs_diffusers.py --out=runs/vs_diffusers            # full, ~7 min, 2 quiet cores
   python benchmarks/vs_diffusers.py --quick --out=runs/vs_diffusers_q  # ~3 min
   python benchmarks/vs_diffusers.py --only=sample_default --variants=fast,plain_conv,callback
 
@@ -12,8 +12,11 @@ Each measurement is a fresh subprocess; the sides alternate (torch first in odd 
 first in even ones); a process does one untimed warm-up call (JAX: compilation) and `reps`
 timed calls. The table shows medians over all timed calls of all rounds, the speed of ldm_jax
 relative to torch (torch time / ours: > 1 is faster), GFLOP/s from XLA's cost analysis of the
-JAX program (the same count for both sides), and each process's peak resident memory
-(`ru_maxrss`: weights, activations, the framework itself).
+JAX program (the same count for both sides), each process's peak resident memory
+(`ru_maxrss`: weights, activations, the framework itself; on the JAX side also XLA's compiler,
+which for the SD UNet holds more than the run), and the XLA program's own memory from its
+buffer assignment (`memory_analysis()`: arguments + outputs + temporaries - donated aliases).
+`--profile=DIR` profiles one more call per side and writes its most expensive ops.
 
 Workloads (issue 10):
   train_plain      UNet2DModel (64,128,128), 2 blocks/level, no attention; 32x32x4, batch 32,
@@ -393,6 +396,10 @@ def run_jax(w: dict, variant: str) -> dict:
     _write_profile(w, variant, _xla_ops(trace_dir))
   out = dict(first_s=first, secs=secs, gflop=flops["flops"] * calls / 1e9,
              backend=jax.default_backend())
+  mem = step.memory_analysis()  # XLA's buffer assignment: what the program itself holds
+  if mem is not None:
+    out["program_mb"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                         + mem.temp_size_in_bytes - mem.alias_size_in_bytes) / 2 ** 20
   stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
   if stats and "peak_bytes_in_use" in stats:
     out["device_peak_mb"] = stats["peak_bytes_in_use"] / 2 ** 20
@@ -456,7 +463,7 @@ def measure(name: str, w: dict, side: str, device: str) -> dict:
 def summarise(results: dict, table: dict, variants) -> str:
   head = ("| workload | diffusers + torch | " + " | ".join(f"ldm_jax ({v})" for v in variants) +
           " | speed vs torch (" + ", ".join(variants) + ") | GFLOP | GFLOP/s torch / ours | "
-          "peak memory torch / ours |")
+          "peak memory torch / ours | XLA program memory |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for name, w in table.items():
     r = results.get(name)
@@ -467,12 +474,14 @@ def summarise(results: dict, table: dict, variants) -> str:
     gflop = r[variants[0]][0]["gflop"]
     peak = {side: max(o.get("device_peak_mb", o["peak_mb"]) for o in outs) / 1024
             for side, outs in r.items()}
+    program = max(o.get("program_mb", 0) for o in r[variants[0]]) / 1024
     ratios = ", ".join(f"{med['torch'] / med[v]:.2f}x" if v in med else "-" for v in variants)
     lines.append(
         f"| {w['label']} | {med['torch']:.3f} s | " +
         " | ".join(f"{med[v]:.3f} s" if v in med else "-" for v in variants) +
         f" | **{ratios}** | {gflop:.1f} | {gflop / med['torch']:.0f} / "
-        f"{gflop / med[variants[0]]:.0f} | {peak['torch']:.2f} / {peak[variants[0]]:.2f} GB |")
+        f"{gflop / med[variants[0]]:.0f} | {peak['torch']:.2f} / {peak[variants[0]]:.2f} GB | "
+        f"{program:.2f} GB |")
   return "\n".join(lines)
 
 

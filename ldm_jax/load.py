@@ -89,6 +89,7 @@ class StageParts(NamedTuple):
   params: Any
   schedule: Any
   meta: dict
+  step: Optional[int] = None  # the checkpoint step the parameters came from
 
 
 def load_stage(config: ml_collections.ConfigDict, workdir: str, stage: str,
@@ -97,12 +98,13 @@ def load_stage(config: ml_collections.ConfigDict, workdir: str, stage: str,
   ckpt_dir = workdir_lib.checkpoint_dir(workdir, stage)
   if not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir)):
     raise UserError(f"no {stage} checkpoint in {workdir!r}: looked for {ckpt_dir}/<step>")
-  params, meta, _ = restore_eval_params(ckpt_dir, step)
+  params, meta, step = restore_eval_params(ckpt_dir, step)
   codec, codec_params = load_codec(config, stage, workdir, float(meta.get("latent_scale", 1.0)))
   if tuple(meta.get("latent_shape", codec.shape)) != tuple(codec.shape):
     raise UserError(f"{ckpt_dir}: saved for shape {meta['latent_shape']}, the config's codec "
                     f"gives {list(codec.shape)}")
   model = build_model(config, stage, codec.shape[-1], int(meta.get("num_classes", 0)),
                       tokenizer_of(config, stage, workdir, meta))
-  return StageParts(stage, codec, codec_params, model, params, make_schedule(config[stage]), meta)
+  return StageParts(stage, codec, codec_params, model, params, make_schedule(config[stage]), meta,
+                    int(step))
 

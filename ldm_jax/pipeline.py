@@ -17,7 +17,9 @@ Beyond sampling from noise, as diffusers' Stable Diffusion pipelines do:
   init_image=, mask=, strength=         inpainting with a regular checkpoint: the known region
                                         re-noised at every step and blended at the latent
                                         resolution (StableDiffusionInpaintPipelineLegacy)
-  sample_rows(pipe, prompts, n)         one row of n images per prompt (or label)
+
+Running a pipeline for a person (rows per prompt, grids, the step progress line) is
+`ldm_jax/pipeline_runs.py`.
 
 A cascade (`CascadePipeline`) runs its stages one after another, each such a function,
 resizing each output to condition the next stage.
@@ -34,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ldm_jax import codecs, console, diffusion, load, sample_inputs
+from ldm_jax import codecs, diffusion, load, sample_inputs
 from ldm_jax import workdir as workdir_lib
 from ldm_jax.diffusion import samplers
 from ldm_jax.errors import UserError
@@ -91,18 +93,26 @@ class DiffusionPipeline:
     self.schedule, self.parameterization = schedule, parameterization
     self.class_names = list(class_names)
     self.sample_aug_level, self.name = float(sample_aug_level), name
+    self.checkpoint_step: Optional[int] = None  # set when loaded from a workdir
     self._compiled, self._encode = {}, None
 
   @classmethod
   def from_parts(cls, config: ml_collections.ConfigDict,
                  parts: load.StageParts) -> "DiffusionPipeline":
     block = config[parts.name]
-    return cls(codec=parts.codec, codec_params=parts.codec_params, model=parts.model,
+    pipe = cls(codec=parts.codec, codec_params=parts.codec_params, model=parts.model,
                params=parts.params, schedule=parts.schedule,
                parameterization=block.diffusion.parameterization,
                class_names=parts.meta.get("class_names", ()),
                sampler_options=scheduler_options(config, parts.name),
                sample_aug_level=float(block.lowres.sample_aug_level), name=parts.name)
+    pipe.checkpoint_step = parts.step
+    return pipe
+
+  @property
+  def checkpoint_steps(self) -> dict:
+    """{stage name: checkpoint step} of the parameters (None: not loaded from a workdir)."""
+    return {self.name: self.checkpoint_step}
 
   @classmethod
   def from_workdir(cls, workdir: str, step: Optional[int] = None):
@@ -438,6 +448,11 @@ class CascadePipeline:
     return from_workdir(workdir, step)
 
   @property
+  def checkpoint_steps(self) -> dict:
+    """{stage name: checkpoint step} of every stage."""
+    return {k: v for stage in self.stages for k, v in stage.checkpoint_steps.items()}
+
+  @property
   def image_size(self) -> int:
     return self.stages[-1].image_size
 
@@ -496,55 +511,3 @@ def scheduler_options(config: ml_collections.ConfigDict, stage: str = "ldm") -> 
   """config.<stage>.scheduler as a dict ({} when absent: each sampler's defaults)."""
   opts = config[stage].get("scheduler", None)
   return {} if opts is None else dict(opts.to_dict() if hasattr(opts, "to_dict") else opts)
-
-
-class StepProgress:
-  """The console progress line of a sampling run ('sampling  step i/N  it/s  ETA'), fed by the
-  scanned sampler's per-step host callback; one line per run of N steps."""
-
-  def __init__(self, num_steps: int, stream=None, name: str = "sampling"):
-    self._n, self._i, self._stream, self._name = num_steps, 0, stream, name
-    self._line = None
-
-  def __call__(self, t: int) -> None:
-    del t  # the step index is what a person follows
-    if self._line is None:
-      self._line = console.Progress(self._name, self._n, stream=self._stream, every_secs=10.0)
-    self._i += 1
-    self._line.update(self._i)
-    if self._i == self._n:
-      self._line.close()
-      self._line, self._i = None, 0
-
-
-def sample_rows(pipe, conditions: Sequence, per_row: int, *, latents=None,
-                **kwargs) -> list:
-  """For each condition (a prompt of a text model, a class label of a class-conditional one)
-  `pipe.sample(per_row, ...)` with the other keywords: a list of [per_row, H, W, C] arrays.
-  Every row uses the same seed, so column j starts from the same noise in every row, and one
-  compiled program serves all rows. `latents` [len(conditions) * per_row, ...] (row-major, as
-  diffusers' num_images_per_prompt) replace that noise."""
-  key = "prompt" if pipe.model.cond_kind in TEXT_KINDS else "labels"
-  if key == "labels" and pipe.model.cond_kind != "class":
-    raise UserError("this model is unconditional: it takes no prompts or labels")
-  if latents is not None and len(latents) != len(conditions) * per_row:
-    raise UserError(f"{len(latents)} latents for {len(conditions)} rows of {per_row}")
-  return [pipe.sample(per_row, **{key: c}, **kwargs,
-                      latents=None if latents is None else latents[i * per_row:(i + 1) * per_row])
-          for i, c in enumerate(conditions)]
-
-
-def sample_grid(pipe: LatentDiffusionPipeline, num_samples: int, *, trajectory_frames: int = 0,
-                **kwargs) -> np.ndarray:
-  """A uint8 grid: the samples (square-ish), or with trajectory_frames > 0 one row per sample
-  showing the decoded x_t at evenly spaced steps from z_T to z_0."""
-  from ldm_jax.evaluation.images import make_grid  # pylint: disable=g-import-not-at-top
-  if trajectory_frames <= 0:
-    images = pipe.sample(num_samples, **kwargs)
-    return make_grid(images, ncols=int(np.ceil(np.sqrt(num_samples))))
-  final, traj = pipe.sample(num_samples, trajectory=True, **kwargs)
-  steps = traj.shape[0]
-  pick = np.unique(np.linspace(0, steps - 1, trajectory_frames).round().astype(int))
-  frames = np.concatenate([traj[pick], final[None]], axis=0)  # [F, N, H, W, C]
-  rows = np.swapaxes(frames, 0, 1).reshape((-1,) + frames.shape[2:])
-  return make_grid(rows, ncols=frames.shape[0])

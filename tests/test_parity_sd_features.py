@@ -23,7 +23,8 @@ from ldm_jax import codecs, sample_inputs  # noqa: E402
 from ldm_jax.convert.__main__ import main as convert_main  # noqa: E402
 from ldm_jax.errors import UserError  # noqa: E402
 from ldm_jax.evaluation.images import make_grid, save_png, to_uint8  # noqa: E402
-from ldm_jax.pipeline import DiffusionPipeline, sample_rows  # noqa: E402
+from ldm_jax.pipeline import DiffusionPipeline  # noqa: E402
+from ldm_jax.pipeline_runs import sample_rows  # noqa: E402
 from test_parity_pipeline import PROMPTS, tiny_sd  # noqa: E402  (the shared tiny model)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -2,6 +2,7 @@
 one line, the output format follows the extension, and many samples stream to files in
 restartable batches."""
 import io
+import json
 import pathlib
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ldm_jax import workdir as workdir_lib
 from ldm_jax.errors import UserError
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -93,3 +95,14 @@ def test_jpeg_grid_and_restartable_png_folder(tiny_workdir, tmp_path):
   assert done.stderr.strip().splitlines()[-1] == (
       f"error: {out} holds samples drawn with other settings (seed: 5 there, 6 now): use "
       "another output path or delete it")
+  # The manifest names the checkpoint the images came from; a folder begun on another step
+  # (here: the manifest edited to an older one) is refused rather than continued.
+  manifest = json.loads((out / "sampling.json").read_text())
+  checkpoints = pathlib.Path(workdir_lib.checkpoint_dir(str(tiny_workdir), "ldm"))
+  newest = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+  assert manifest["checkpoint_steps"] == {"ldm": newest}
+  manifest["checkpoint_steps"] = {"ldm": newest - 1}
+  (out / "sampling.json").write_text(json.dumps(manifest))
+  cmd[cmd.index("--seed=6")] = "--seed=5"
+  done = subprocess.run(cmd, capture_output=True, text=True)
+  assert done.returncode == 1 and "checkpoint_steps" in done.stderr.strip().splitlines()[-1]
