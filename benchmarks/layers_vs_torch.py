@@ -7,7 +7,8 @@ includes waiting for the cores that concurrently running convolutions hold. Here
 alone, in a fresh process per side (torch, ldm_jax with `ldm_jax.platform`'s flag, and for the
 convolutions also XLA without the flag), medians of 7 calls after 2 warm-ups:
 
-  conv  a 3x3 convolution at the train_plain shapes (batch 32): forward, input gradient (dx),
+  conv  a 2048^3 float32 matmul (the machine's attainable peak), then
+        a 3x3 convolution at the train_plain shapes (batch 32): forward, input gradient (dx),
         weight gradient (dw), GFLOP/s of each
   gn    GroupNorm(32 groups) + SiLU of [32, 32, 32, 192] (the first decoder ResBlock's input):
         forward, forward + backward; ldm_jax's fused op (`models/norm.py`) and Flax's
@@ -42,6 +43,8 @@ def _torch(kind: str) -> dict:
   f = torch.nn.functional
   out = {}
   if kind == "conv":
+    a = torch.randn(2048, 2048)
+    out["matmul"] = dict(fwd=_median_ms(lambda: a @ a))
     for s, cin, cout in CONV_SHAPES:
       x = torch.randn(BATCH, cin, s, s)
       w = torch.randn(cout, cin, 3, 3)
@@ -83,6 +86,9 @@ def _jax(kind: str, flag: bool) -> dict:
   keys = jax.random.split(jax.random.key(0), 3)
   out = {}
   if kind == "conv":
+    a = jax.random.normal(keys[0], (2048, 2048))
+    mm = jax.jit(lambda a: a @ a)
+    out["matmul"] = dict(fwd=_median_ms(lambda: ready(mm(a))))
     for s, cin, cout in CONV_SHAPES:
       x = jax.random.normal(keys[0], (BATCH, s, s, cin))
       w = jax.random.normal(keys[1], (3, 3, cin, cout))
@@ -137,6 +143,10 @@ def main() -> None:
           for op, ms in row.items():
             runs.setdefault((kind, side, name, op), []).append(ms)
   med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
+  mm = 2 * 2048 ** 3 / 1e9
+  print("matmul 2048^3 float32 (the machine's peak): " + ", ".join(
+      f"{side} {mm / med[('conv', side, 'matmul', 'fwd')] * 1e3:.0f} GFLOP/s"
+      for side in ("torch", "jax")))
   print("| 3x3 conv, batch 32 | op | torch | ldm_jax (flag) | XLA, no flag | GFLOP/s torch / ours |")
   print("|---|---|---:|---:|---:|---:|")
   for s, cin, cout in CONV_SHAPES:
