@@ -2,7 +2,7 @@
 stage 2 (`config.ldm`, a diffusion stage block with codec 'latent'; the same block shape as
 configs/pixel.py and configs/cascade.py). Presets: `configs/ldm.py:<preset>`.
 
-  default     Fashion-MNIST, class-conditional, both stages on 2 CPU cores (<= 60 min)
+  default     Fashion-MNIST, class-conditional, both stages on 2 CPU cores (~20 min)
   smoke       both stages end to end in about two minutes
   text        Fashion-MNIST text-to-image: captions from class names, a transformer text
               encoder trained jointly with the UNet, cross-attention
