@@ -89,8 +89,9 @@ def preprocess(image: np.ndarray, image_size: int, channels: int, random_crop: b
   return x / 127.5 - 1.0
 
 
-# Why not grain's IndexSampler (grain runs the batches: loader.py): here the stream position of an example is simply
-# `step * global_batch + j`, so the indices of any batch are a pure function of (seed, step).
+# Why not grain's IndexSampler (grain only runs the batches: loader.py): here the stream
+# position of an example is simply `step * global_batch + j`, so the indices of any batch are a
+# pure function of (seed, step).
 # Resuming from a checkpoint at step k is exact by construction and the checkpoint stores no
 # iterator state; tfds's `data_source` already gives the random access, and the function is
 # trivially the same on every host. Epoch permutations are cached (they are O(N) to draw).

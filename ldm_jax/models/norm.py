@@ -53,10 +53,9 @@ def _bcast(v: jax.Array, ndim: int) -> jax.Array:
   return v.reshape(v.shape[:1] + (1,) * (ndim - 2) + v.shape[1:])
 
 
-def _affine(x32, mean, rstd, scale, bias, mul, add):
-  """The per-(sample, channel) map y = x * A + B that the norm, scale, bias, mul, add make."""
-  c = x32.shape[-1]
-  r, m = _per_channel(rstd, c), _per_channel(mean, c)
+def _affine(r, m, scale, bias, mul, add):
+  """The per-(sample, channel) map y = x * A + B that the norm (rstd `r` and mean `m`, per
+  channel), scale, bias, mul and add make: (A, B), each [N, C]."""
   a = scale * r * mul
   b = (bias - m * scale * r) * mul + add
   return a, b
@@ -64,21 +63,18 @@ def _affine(x32, mean, rstd, scale, bias, mul, add):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def _group_norm(x, scale, bias, mul, add, out_dtype_ref, groups, eps, silu):
-  out, _ = _forward(x, scale, bias, mul, add, out_dtype_ref, groups, eps, silu)
+  out, _ = _fwd(x, scale, bias, mul, add, out_dtype_ref, groups, eps, silu)
   return out
 
 
-def _forward(x, scale, bias, mul, add, out_dtype_ref, groups, eps, silu):
+def _fwd(x, scale, bias, mul, add, out_dtype_ref, groups, eps, silu):
   x32 = x.astype(jnp.float32)
   mean, rstd = _stats(x32, groups, eps)
-  a, b = _affine(x32, mean, rstd, scale, bias, mul, add)
+  c = x.shape[-1]
+  a, b = _affine(_per_channel(rstd, c), _per_channel(mean, c), scale, bias, mul, add)
   y = x32 * _bcast(a, x.ndim) + _bcast(b, x.ndim)
   out = (y * jax.nn.sigmoid(y) if silu else y).astype(out_dtype_ref.dtype)
   return out, (x, mean, rstd, scale, bias, mul, add, out_dtype_ref)
-
-
-def _fwd(x, scale, bias, mul, add, out_dtype_ref, groups, eps, silu):
-  return _forward(x, scale, bias, mul, add, out_dtype_ref, groups, eps, silu)
 
 
 def _bwd(groups, eps, silu, residuals, g):
@@ -86,8 +82,9 @@ def _bwd(groups, eps, silu, residuals, g):
   x, mean, rstd, scale, bias, mul, add, out_dtype_ref = residuals
   n, c, nd = x.shape[0], x.shape[-1], x.ndim
   x32, g32 = x.astype(jnp.float32), g.astype(jnp.float32)
-  a, b = _affine(x32, mean, rstd, scale, bias, mul, add)
+  r, m = _per_channel(rstd, c), _per_channel(mean, c)
   if silu:  # y recomputed (one fused pass with the sums below); d silu(y) = s (1 + y (1 - s))
+    a, b = _affine(r, m, scale, bias, mul, add)
     y = x32 * _bcast(a, nd) + _bcast(b, nd)
     s = jax.nn.sigmoid(y)
     dy = g32 * s * (1 + y * (1 - s))
@@ -96,7 +93,6 @@ def _bwd(groups, eps, silu, residuals, g):
   axes = tuple(range(1, nd - 1))
   s1 = jnp.sum(dy, axis=axes)  # [N, C]
   s2 = jnp.sum(dy * x32, axis=axes)  # [N, C]
-  r, m = _per_channel(rstd, c), _per_channel(mean, c)
   su = r * (s2 - m * s1)  # sum over positions of dy * u, u = (x - mean) * rstd
   d_add = s1
   d_mul = scale * su + bias * s1
