@@ -287,6 +287,9 @@ def run_jax(w: dict, variant: str) -> dict:
   sys.path.insert(0, str(ROOT))
   sys.path.insert(0, str(ROOT / "configs"))
   from ldm_jax import platform  # pylint: disable=g-import-not-at-top
+  if variant == "onednn":
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_experimental_onednn_custom_call=true")
   platform.configure()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -518,7 +521,7 @@ def main():
     if n not in table:
       sys.exit(f"error: --only: unknown workload {n!r} (one of {', '.join(table)})")
   for v in variants:
-    if v not in ("fast", "plain_conv", "callback"):
+    if v not in ("fast", "plain_conv", "callback", "onednn"):
       sys.exit(f"error: --variants: unknown variant {v!r} (fast, plain_conv, callback)")
   rounds = args.rounds or (1 if args.quick or args.dry_run else 2)
   results, t0 = {}, time.time()

@@ -68,6 +68,39 @@ def test_blockwise_matches_plain_attention_and_gradients(case):
   assert float(jnp.abs(grad[1]).max()) > 1e-3  # gradients are not trivially zero
 
 
+# (forward chunks, backward chunks): the gradient's pass chunks differently from the forward.
+SPLIT_CASES = {
+    "smaller query chunks backward, key mask": ("key", (16, 11), (5, 11)),
+    "keys chunked only backward, per-query mask": ("causal", (29, 29), (8, 6)),
+    "larger chunks backward": (None, (4, 8), (29, 29)),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_blockwise_gradient_with_its_own_chunks_matches_plain_path(case):
+  kind, forward, backward = SPLIT_CASES[case]
+  b, t, s, h, d = 2, 29, 11 if kind == "key" else 29, 2, 8
+  q, k, v = _qkv(b, t, s, h, d, seed=7)
+  mask = _mask(kind, b, t, s)
+
+  def split(q, k, v, mask):
+    return attn_lib.blockwise_attention(q, k, v, mask, query_chunk=forward[0],
+                                        key_chunk=forward[1], backward_chunks=backward)
+
+  def both(q, k, v):
+    return ([f(q, k, v, mask) for f in (split, _plain)],
+            [jax.grad(_loss(f, mask), argnums=(0, 1, 2))(q, k, v) for f in (split, _plain)])
+
+  (out, ref), (grad, grad_ref) = jax.jit(both)(q, k, v)
+  np.testing.assert_allclose(out, ref, **TOL)
+  for g, g_ref in zip(grad, grad_ref):
+    np.testing.assert_allclose(g, g_ref, **TOL)
+  assert float(jnp.abs(grad[0]).max()) > 1e-3
+  # The gradient's program computes logits blocks of the backward's chunks.
+  jaxpr = str(jax.make_jaxpr(jax.grad(_loss(split, mask)))(q, k, v))
+  assert f"f32[{b},{h},{backward[0]},{backward[1]}]" in jaxpr
+
+
 def test_blockwise_bfloat16_matches_plain_path():
   q, k, v = _qkv(2, 33, 33, 2, 8, dtype=jnp.bfloat16)
   out = attn_lib.blockwise_attention(q, k, v, query_chunk=8, key_chunk=16)
@@ -105,6 +138,18 @@ def test_attention_chunks_on_cpu_when_the_logits_are_large(monkeypatch):
   assert attn_lib.chunk_sizes(2, 2, 40, 40) == (14, 40)
   assert "scan" in str(jax.make_jaxpr(fn)(q, k, v))  # lax.map over 3 query chunks
   np.testing.assert_allclose(jax.jit(fn)(q, k, v), plain, **TOL)
+  # The gradient's pass gets the chunks of the backward budget.
+  seen = []
+  real = attn_lib.blockwise_attention
+  monkeypatch.setattr(attn_lib, "BACKWARD_LOGITS_BUDGET", 2 * 2 * 8 * 40)
+  monkeypatch.setattr(attn_lib, "blockwise_attention",
+                      lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+  jax.clear_caches()
+  grad = jax.jit(jax.grad(lambda q: jnp.sum(fn(q, k, v) ** 2)))(q)
+  assert seen[-1]["backward_chunks"] == (8, 40) and seen[-1]["query_chunk"] == 14
+  monkeypatch.setattr(attn_lib, "blockwise_attention", real)
+  ref = jax.grad(lambda q: jnp.sum(_plain(q, k, v, mask) ** 2))(q)
+  np.testing.assert_allclose(grad, ref, **TOL)
 
 
 def test_layers_keep_their_parameters_and_outputs_when_chunked(monkeypatch):

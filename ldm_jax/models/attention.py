@@ -21,6 +21,7 @@ Numerics follow the XLA path: logits and softmax in float32 (for bf16/fp16 input
 scale applied to the logits, masked logits set to the same large negative value (so a row
 whose keys are all masked attends uniformly, as there), probabilities cast to the value dtype.
 """
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -33,6 +34,13 @@ import numpy as np
 # cotangents). On 2 CPU cores, SD-size self-attention (2 x 8 heads, 4096 tokens) ran about
 # twice as fast with blocks of 2^20-2^22 elements as with 2^23-2^24 (2026-12, issue 10).
 LOGITS_BUDGET = 2 ** 22
+# The same for the backward pass, which recomputes each chunk's logits and holds more tensors
+# of a block's size (logits, probabilities and their cotangents): smaller blocks stay in cache.
+# The UNet train step's 16x16 attention (batch 32, 4 heads of 32, 256 tokens) took 80 ms
+# forward + backward with 2^20 against 106 ms with 2^22 (2 cores, 2026-12-01, issue 10);
+# the forward alone was as fast with either (22-23 ms), and SD-size self-attention's forward
+# much faster with 2^22 (887 against 1120 ms), hence two budgets.
+BACKWARD_LOGITS_BUDGET = 2 ** 20
 # Fewest query rows per chunk before the keys are chunked as well: matmuls with fewer rows
 # run far below the machine's matmul rate.
 MIN_QUERY_CHUNK = 64
@@ -65,7 +73,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array
   if implementation == "blockwise":
     b, t, h, _ = q.shape
     q_chunk, k_chunk = chunk_sizes(b, h, t, k.shape[1])
-    return blockwise_attention(q, k, v, mask, query_chunk=q_chunk, key_chunk=k_chunk)
+    return blockwise_attention(
+        q, k, v, mask, query_chunk=q_chunk, key_chunk=k_chunk,
+        backward_chunks=chunk_sizes(b, h, t, k.shape[1], budget=BACKWARD_LOGITS_BUDGET))
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
@@ -142,12 +152,46 @@ def _chunks(x: jax.Array, axis: int, chunk: int, count: int) -> jax.Array:
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                         mask: Optional[jax.Array] = None, *, query_chunk: int,
-                        key_chunk: int) -> jax.Array:
+                        key_chunk: int, backward_chunks: Optional[Tuple[int, int]] = None
+                        ) -> jax.Array:
   """`attention` computed `query_chunk` queries at a time (lax.map) and, where `key_chunk` <
   S, `key_chunk` keys at a time with the online softmax (lax.scan). Lengths need not divide
   by the chunks: the last chunk is zero-padded, padded keys get no weight and padded query
-  rows are dropped."""
+  rows are dropped. `backward_chunks` (query, key): the chunks of the gradient's pass, which
+  recomputes the forward chunk by chunk anyway (default: the same as the forward's)."""
   _check_shapes(q, k, v, mask)
+  forward = (query_chunk, key_chunk)
+  if backward_chunks is None or tuple(backward_chunks) == forward:
+    return _blockwise(q, k, v, mask, forward)
+  return _blockwise_split(q, k, v, mask, forward, tuple(backward_chunks))
+
+
+# Hand-written gradient only to change the chunking: the backward pass is autodiff of the
+# chunked forward at `backward` chunks (the chunks are rematerialised in either case, so
+# nothing from the forward's chunks is saved).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blockwise_split(q, k, v, mask, forward, backward):
+  del backward
+  return _blockwise(q, k, v, mask, forward)
+
+
+def _blockwise_split_fwd(q, k, v, mask, forward, backward):
+  del backward
+  return _blockwise(q, k, v, mask, forward), (q, k, v, mask)
+
+
+def _blockwise_split_bwd(forward, backward, residuals, d_out):
+  del forward
+  q, k, v, mask = residuals
+  dq, dk, dv = jax.vjp(lambda q, k, v: _blockwise(q, k, v, mask, backward), q, k, v)[1](d_out)
+  return dq, dk, dv, None
+
+
+_blockwise_split.defvjp(_blockwise_split_fwd, _blockwise_split_bwd)
+
+
+def _blockwise(q, k, v, mask, chunks: Tuple[int, int]) -> jax.Array:
+  query_chunk, key_chunk = chunks
   b, t, h, d = q.shape
   s = k.shape[1]
   query_chunk, key_chunk = min(query_chunk, t), min(key_chunk, s)
