@@ -378,3 +378,19 @@ def test_eval_batches_cover_split_once(process_count):
   assert [b['mask'].tolist() for b in limited] == [[1, 1, 1, 1], [1, 0, 0, 0]]
   first = limited[0]['label'].tolist()
   assert first == [0, 1, 2, 3]  # In order.
+
+
+def test_eval_batches_in_worker_processes_equal_threads(tmp_path):
+  """The evaluation / latent-cache encode pass with data.num_workers: the same batches, in
+  order, as without workers (the last one padded and masked)."""
+  _write_folder(tmp_path)
+  source = sources.folder_source(tmp_path)
+  kwargs = dict(global_batch=2, image_size=8, channels=3)  # 3 images: 2 batches
+  threads = list(data.eval_batches(source, **kwargs))
+  with contextlib.closing(data.eval_batches(source, num_workers=2, **kwargs)) as batches:
+    workers = list(batches)
+  assert len(workers) == len(threads) == 2 and threads[1]["mask"].tolist() == [1, 0]
+  for got, want in zip(workers, threads):
+    assert got.keys() == want.keys()
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])

@@ -218,8 +218,11 @@ class BatchStream:
 def eval_batches(source: Sequence[dict[str, Any]], *, global_batch: int, image_size: int,
                  channels: int, process_index: int = 0, process_count: int = 1,
                  max_examples: int | None = None, num_threads: int = 4,
-                 prefetch: int = 2, num_workers: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """One in-order pass over `source` (its first `max_examples`), no augmentation.
+                 prefetch: int = 2, num_workers: int = 0,
+                 worker_init: Optional[Callable[[int, int], None]] = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """One in-order pass over `source` (its first `max_examples`), no augmentation, made ahead
+  by `num_threads` threads and `num_workers` worker processes (`loader.prefetched`).
 
   Yields this process's rows of each global batch: 'image' f32 [B, H, W, C], 'label' i32 [B] and
   'mask' f32 [B] (0 for the zero padding that fills the last batch), so shapes never change.
@@ -243,4 +246,4 @@ def eval_batches(source: Sequence[dict[str, Any]], *, global_batch: int, image_s
     return {'image': images, 'label': labels, 'mask': mask}
 
   return loader.prefetched(decode, 0, num_batches, num_threads=num_threads, prefetch=prefetch,
-                           num_workers=num_workers)
+                           num_workers=num_workers, worker_init=worker_init)

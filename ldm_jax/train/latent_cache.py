@@ -44,7 +44,7 @@ import numpy as np
 
 from ldm_jax import data as data_lib
 from ldm_jax.data import loader as data_loader
-from ldm_jax import distributed, sharding
+from ldm_jax import console, distributed, sharding
 from ldm_jax.errors import UserError
 
 FORMAT = 1
@@ -173,7 +173,8 @@ def build(path: str, codec, codec_params, source, data_cfg, mesh, batch_size: in
       source, global_batch=batch_size, image_size=data_cfg.image_size,
       channels=data_cfg.channels, process_index=jax.process_index(),
       process_count=jax.process_count(), num_threads=data_cfg.num_threads,
-      prefetch=data_cfg.prefetch)
+      prefetch=data_cfg.prefetch, num_workers=data_cfg.get("num_workers", 0),
+      worker_init=console.worker_init())
   for batch in batches:
     put = sharding.put_batch({"image": batch["image"], "label": batch["label"]}, batch_sh)
     out, lab = encode(codec_params, put["image"], put["label"])

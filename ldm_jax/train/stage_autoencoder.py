@@ -31,7 +31,8 @@ def evaluation_batches(config, source, max_examples=None):
   return data_lib.eval_batches(
       source, global_batch=config.train.eval_batch_size, image_size=d.image_size,
       channels=d.channels, process_index=jax.process_index(),
-      process_count=jax.process_count(), max_examples=max_examples)
+      process_count=jax.process_count(), max_examples=max_examples, num_threads=d.num_threads,
+      prefetch=d.prefetch, num_workers=d.get('num_workers', 0), worker_init=console.worker_init())
 
 
 def _load_lpips(config):
