@@ -127,6 +127,25 @@ def test_chunk_sizes_keep_each_block_within_the_budget():
   assert k_chunk < 9216 and q_chunk >= attn_lib.MIN_QUERY_CHUNK
 
 
+def test_backward_chunks_have_fewer_query_rows_never_fewer_keys():
+  budget, floor = attn_lib.BACKWARD_LOGITS_BUDGET, attn_lib.MIN_QUERY_CHUNK
+  # The UNet's 16x16 attention in the train step: 64 query rows instead of the forward's 128.
+  forward = attn_lib.chunk_sizes(32, 4, 256, 256)
+  assert forward == (128, 256)
+  assert attn_lib.backward_chunk_sizes(32, 4, 256, forward) == (64, 256)
+  # SD size: the forward's 4096 keys stay whole and its 64 query rows are the floor already.
+  forward = attn_lib.chunk_sizes(2, 8, 4096, 4096)
+  assert attn_lib.backward_chunk_sizes(2, 8, 4096, forward) == forward == (64, 4096)
+  # A block within the budget already: the forward's chunks.
+  assert attn_lib.backward_chunk_sizes(2, 2, 100, (50, 100)) == (50, 100)
+  for b, h, t, s in [(32, 4, 256, 256), (3, 5, 1000, 777), (1, 1, 4097, 4097)]:
+    q_chunk, k_chunk = attn_lib.backward_chunk_sizes(b, h, t, attn_lib.chunk_sizes(b, h, t, s))
+    assert q_chunk >= min(floor, t) and (b * h * q_chunk * k_chunk <= budget or
+                                         q_chunk <= -(-t // -(-t // floor)))
+    pieces = -(-t // q_chunk)
+    assert pieces * q_chunk - t < pieces  # balanced: little padding
+
+
 def test_attention_chunks_on_cpu_when_the_logits_are_large(monkeypatch):
   q, k, v = _qkv(2, 40, 40, 2, 8, seed=3)
   mask = jnp.asarray(np.random.default_rng(4).random((2, 40)) > 0.3)[:, None, None, :]
@@ -142,6 +161,7 @@ def test_attention_chunks_on_cpu_when_the_logits_are_large(monkeypatch):
   seen = []
   real = attn_lib.blockwise_attention
   monkeypatch.setattr(attn_lib, "BACKWARD_LOGITS_BUDGET", 2 * 2 * 8 * 40)
+  monkeypatch.setattr(attn_lib, "MIN_QUERY_CHUNK", 4)
   monkeypatch.setattr(attn_lib, "blockwise_attention",
                       lambda *a, **kw: seen.append(kw) or real(*a, **kw))
   jax.clear_caches()

@@ -34,12 +34,14 @@ import numpy as np
 # cotangents). On 2 CPU cores, SD-size self-attention (2 x 8 heads, 4096 tokens) ran about
 # twice as fast with blocks of 2^20-2^22 elements as with 2^23-2^24 (2026-12, issue 10).
 LOGITS_BUDGET = 2 ** 22
-# The same for the backward pass, which recomputes each chunk's logits and holds more tensors
-# of a block's size (logits, probabilities and their cotangents): smaller blocks stay in cache.
-# The UNet train step's 16x16 attention (batch 32, 4 heads of 32, 256 tokens) took 80 ms
-# forward + backward with 2^20 against 106 ms with 2^22 (2 cores, 2026-12-01, issue 10);
-# the forward alone was as fast with either (22-23 ms), and SD-size self-attention's forward
-# much faster with 2^22 (887 against 1120 ms), hence two budgets.
+# Elements of one logits block in the backward pass, which recomputes each chunk's logits and
+# holds more tensors of a block's size (logits, probabilities, their cotangents): fewer query
+# rows per block than the forward's (not below MIN_QUERY_CHUNK), never fewer keys
+# (`backward_chunk_sizes`). 2 cores, 2026-12-01 (issue 10), in-process alternation: forward +
+# backward of the UNet train step's 16x16 attention (batch 32, 4 heads of 32, 256 tokens) took
+# 106-110 ms with the forward's 128-query chunks, 89-92 with 64, 80 with 32 (the forward alone
+# 22-23 ms with any); at SD size (2 x 8 heads, 4096 tokens) 32-query chunks were slower than 64
+# (4.3 against 3.7 s), 16 slower still, and key chunks of 1024 much slower (4.4 against 2.4 s).
 BACKWARD_LOGITS_BUDGET = 2 ** 20
 # Fewest query rows per chunk before the keys are chunked as well: matmuls with fewer rows
 # run far below the machine's matmul rate.
@@ -75,7 +77,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array
     q_chunk, k_chunk = chunk_sizes(b, h, t, k.shape[1])
     return blockwise_attention(
         q, k, v, mask, query_chunk=q_chunk, key_chunk=k_chunk,
-        backward_chunks=chunk_sizes(b, h, t, k.shape[1], budget=BACKWARD_LOGITS_BUDGET))
+        backward_chunks=backward_chunk_sizes(b, h, t, (q_chunk, k_chunk)))
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
@@ -133,6 +135,19 @@ def chunk_sizes(batch: int, heads: int, q_len: int, kv_len: int,
     k_chunk = _balanced(kv_len, max(MIN_KEY_CHUNK, budget // (rows * MIN_QUERY_CHUNK)))
   q_chunk = _balanced(q_len, max(1, budget // (rows * k_chunk)))
   return q_chunk, k_chunk
+
+
+def backward_chunk_sizes(batch: int, heads: int, q_len: int, forward: Tuple[int, int],
+                         budget: Optional[int] = None) -> Tuple[int, int]:
+  """(query chunk, key chunk) of `blockwise_attention`'s backward pass for the `forward` chunks:
+  the forward's key chunk, and as many query rows as keep a block within `budget`
+  (`BACKWARD_LOGITS_BUDGET`), at least `MIN_QUERY_CHUNK`, at most the forward's."""
+  budget = BACKWARD_LOGITS_BUDGET if budget is None else budget
+  q_chunk, k_chunk = forward
+  rows = max(MIN_QUERY_CHUNK, budget // (batch * heads * k_chunk))
+  if rows >= q_chunk:
+    return forward
+  return _balanced(q_len, rows), k_chunk
 
 
 def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
