@@ -26,12 +26,12 @@ heads of 40, guided batch 2):
                       per level, heads of 32 channels; 32x32x4, batch 32, MSE + Adam
 """
 import argparse
-import json
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
+
+import timing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKLOADS = {
@@ -42,11 +42,6 @@ WORKLOADS = {
     "train_attn": dict(kind="train", on_request=True),
 }
 VARIANTS = ("plain", "auto")
-
-
-def _peak_mb() -> float:
-  import resource  # pylint: disable=g-import-not-at-top
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _layer_call(w, jax, jnp):
@@ -106,7 +101,7 @@ def child(name: str, variant: str, reps: int, budget: int) -> dict:
   fn, args, donate = (_layer_call(w, jax, jnp) if w["kind"] == "layer"
                       else _train_call(jax, jnp))
   jax.block_until_ready(args)
-  base = _peak_mb()
+  base = timing.peak_rss_mb()
   t0 = time.perf_counter()
   compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
   compile_s = time.perf_counter() - t0
@@ -119,22 +114,15 @@ def child(name: str, variant: str, reps: int, budget: int) -> dict:
       state[0], state[1] = out[0], out[1]
     jax.block_until_ready(out)
 
-  call()
-  secs = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    call()
-    secs.append(time.perf_counter() - t0)
-  return dict(secs=secs, compile_s=compile_s, peak_mb=_peak_mb(), base_mb=base, temp_mb=temp)
+  _, secs = timing.timed(call, reps)
+  return dict(secs=secs, compile_s=compile_s, peak_mb=timing.peak_rss_mb(), base_mb=base,
+              temp_mb=temp)
 
 
 def measure(name: str, variant: str, reps: int, budget: int) -> dict:
   cmd = [sys.executable, __file__, f"--child={name}:{variant}", f"--reps={reps}",
          f"--budget={budget}"]
-  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  if proc.returncode:
-    raise RuntimeError(f"{name}/{variant} failed:\n{proc.stderr[-3000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return timing.run_child(cmd, f"{name}/{variant}")
 
 
 def summarise(results: dict) -> str:
@@ -164,7 +152,7 @@ def main():
   args = p.parse_args()
   if args.child:
     name, variant = args.child.split(":")
-    print(json.dumps(child(name, variant, args.reps, args.budget)))
+    timing.emit_result(child(name, variant, args.reps, args.budget))
     return
   names = (args.only.split(",") if args.only else
            [n for n, w in WORKLOADS.items() if not w.get("on_request")])

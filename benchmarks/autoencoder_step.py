@@ -7,13 +7,14 @@ Prints GFLOP per step (XLA cost analysis), seconds per step and achieved GFLOP/s
 settings, and the speed ratio.
 """
 import argparse
-import json
 import os
-import subprocess
 import sys
 
+import timing
+
 CHILD = r"""
-import json, os, sys, time
+import os, sys, time
+sys.path.insert(0, {root!r} + '/benchmarks'); import timing
 sys.path.insert(0, {root!r}); sys.path.insert(0, {root!r} + '/configs')
 if {flag}:
   from ldm_jax import platform; platform.configure()
@@ -40,7 +41,7 @@ for _ in range({steps}):
   state, *_ = step(state, batch, rng)
 jax.block_until_ready(state)
 dt = (time.perf_counter() - t) / {steps}
-print(json.dumps({{'gflop': step.cost_analysis()['flops'] / 1e9, 'sec': dt}}))
+timing.emit_result({{'gflop': step.cost_analysis()['flops'] / 1e9, 'sec': dt}})
 """
 
 
@@ -56,9 +57,8 @@ def main():
   for _ in range(args.rounds):
     for flag in (True, False):
       code = CHILD.format(root=root, flag=flag, preset=args.preset, steps=args.steps)
-      out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                           text=True, check=True).stdout.strip().splitlines()[-1]
-      results[flag].append(json.loads(out))
+      results[flag].append(timing.run_child([sys.executable, "-c", code],
+                                            f"preset {args.preset}, flag {flag}", env=env))
   for flag, name in ((True, "Eigen convolutions (ldm_jax.platform)"), (False, "XLA default")):
     best = min(r["sec"] for r in results[flag])
     gflop = results[flag][0]["gflop"]

@@ -12,12 +12,14 @@ Prints seconds for both, per process.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
+import timing
+
 CHILD = r"""
-import json, os, sys, time
+import os, sys, time
+sys.path.insert(0, {root!r} + '/benchmarks'); import timing
 sys.path.insert(0, {root!r}); sys.path.insert(0, {root!r} + '/configs')
 from ldm_jax import platform; platform.configure()
 import jax, jax.numpy as jnp
@@ -56,10 +58,10 @@ t0 = time.perf_counter(); pipe.sample(smp.num_samples, seed=0, **kw)
 first = time.perf_counter() - t0
 t0 = time.perf_counter(); pipe.sample(smp.num_samples, seed=1, **kw)
 warm = time.perf_counter() - t0
-print('RESULT ' + json.dumps(dict(train_step_compile_s=train_s,
-                                  train_step_trace_lower_s=parts['trace_lower_s'],
-                                  train_step_xla_s=parts['compile_s'], sampler_first_s=first,
-                                  sampler_run_s=warm, sampler_compile_s=first - warm)))
+timing.emit_result(dict(train_step_compile_s=train_s,
+                        train_step_trace_lower_s=parts['trace_lower_s'],
+                        train_step_xla_s=parts['compile_s'], sampler_first_s=first,
+                        sampler_run_s=warm, sampler_compile_s=first - warm))
 """
 
 
@@ -75,12 +77,8 @@ def main():
     with tempfile.TemporaryDirectory(prefix="ldm_jax_cache_bench_") as cache:
       env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache)
       for kind in ("cold", "warm"):
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                              text=True)
-        lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
-        if done.returncode or not lines:
-          sys.exit(f"error: the {kind} process failed:\n{done.stderr[-3000:]}")
-        out = dict(json.loads(lines[-1][7:]), round=r + 1, cache=kind)
+        out = dict(timing.run_child([sys.executable, "-c", code], f"the {kind} process",
+                                    env=env), round=r + 1, cache=kind)
         rows.append(out)
         print(f"round {r + 1} {kind}: train step compile {out['train_step_compile_s']:6.1f} s "
               f"(trace + lower {out['train_step_trace_lower_s']:.1f} s, XLA compile or cache "

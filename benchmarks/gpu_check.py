@@ -22,6 +22,8 @@ import pathlib
 import sys
 import time
 
+import timing
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "configs"))
@@ -39,14 +41,9 @@ def _peak_from_kind(kind: str) -> float:
 
 
 def _time(fn, reps: int) -> float:
+  """Median seconds of `reps` calls of fn after one warm-up, each waited for."""
   import jax  # pylint: disable=g-import-not-at-top
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return sorted(times)[len(times) // 2]
+  return timing.upper_median(timing.timed(lambda: jax.block_until_ready(fn()), reps)[1])
 
 
 def _flops(compiled) -> float:

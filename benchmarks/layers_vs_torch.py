@@ -15,11 +15,10 @@ convolutions also XLA without the flag), medians of 7 calls after 2 warm-ups:
         nn.GroupNorm + nn.silu (the code before)
 """
 import argparse
-import json
 import pathlib
-import subprocess
 import sys
-import time
+
+import timing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONV_SHAPES = ((32, 64, 64), (32, 128, 64), (16, 128, 128), (8, 128, 128))  # (size, cin, cout)
@@ -27,15 +26,8 @@ BATCH = 32
 GN_SHAPE = (32, 32, 32, 192)
 
 
-def _median_ms(fn, n: int = 7) -> float:
-  fn()
-  fn()
-  times = []
-  for _ in range(n):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return sorted(times)[n // 2] * 1e3
+def _median_ms(fn) -> float:
+  return timing.upper_median(timing.timed(fn, 7, warmups=2)[1]) * 1e3
 
 
 def _torch(kind: str) -> dict:
@@ -128,21 +120,18 @@ def main() -> None:
   if args.child:
     kind, side = args.child.split(":")
     result = _torch(kind) if side == "torch" else _jax(kind, side == "jax")
-    print("RESULT " + json.dumps(result))
+    timing.emit_result(result)
     return
   runs = {}
   for r in range(args.rounds):
     for kind, sides in (("conv", ["torch", "jax", "jax_noflag"]), ("gn", ["torch", "jax"])):
       for side in sides if r % 2 == 0 else sides[::-1]:
-        done = subprocess.run([sys.executable, __file__, f"--child={kind}:{side}"],
-                              capture_output=True, text=True, check=False)
-        lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
-        if done.returncode or not lines:
-          sys.exit(f"error: {kind} ({side}) failed:\n{done.stderr[-2000:]}")
-        for name, row in json.loads(lines[-1][7:]).items():
+        result = timing.run_child([sys.executable, __file__, f"--child={kind}:{side}"],
+                                  f"{kind} ({side})")
+        for name, row in result.items():
           for op, ms in row.items():
             runs.setdefault((kind, side, name, op), []).append(ms)
-  med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
+  med = {k: timing.upper_median(v) for k, v in runs.items()}
   mm = 2 * 2048 ** 3 / 1e9
   print("matmul 2048^3 float32 (the machine's peak): " + ", ".join(
       f"{side} {mm / med[('conv', side, 'matmul', 'fwd')] * 1e3:.0f} GFLOP/s"

@@ -12,9 +12,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
+
+import timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,15 +89,14 @@ def main():
   p.add_argument("--mode", choices=("encode", "cache"), help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.mode:
-    print(json.dumps(measure(args.mode, args.steps, args.warmup, args.workdir)))
+    timing.emit_result(measure(args.mode, args.steps, args.warmup, args.workdir))
     return
   results = {"encode": [], "cache": []}
   for r in range(args.rounds):
     for mode in (("encode", "cache") if r % 2 == 0 else ("cache", "encode")):
-      done = subprocess.run([sys.executable, __file__, f"--mode={mode}", f"--steps={args.steps}",
-                             f"--warmup={args.warmup}", f"--workdir={args.workdir}"],
-                            capture_output=True, text=True, check=True)
-      row = json.loads(done.stdout.strip().splitlines()[-1])
+      row = timing.run_child([sys.executable, __file__, f"--mode={mode}", f"--steps={args.steps}",
+                              f"--warmup={args.warmup}", f"--workdir={args.workdir}"],
+                             f"round {r + 1} {mode}")
       results[mode].append(row)
       print(json.dumps(row), flush=True)
   for mode, rows in results.items():

@@ -1,0 +1,54 @@
+"""What the benchmarks share for measuring: timed calls, the median they report, the process's
+peak resident memory, and the parent/child protocol of the benchmarks that measure each case
+in a fresh process (the child prints one `RESULT <json>` line; the parent reads the last one).
+"""
+import json
+import resource
+import subprocess
+import sys
+import time
+
+RESULT = "RESULT "
+
+
+def timed(fn, reps: int, warmups: int = 1):
+  """Calls fn() `warmups` times untimed, then `reps` times timed: (the first call's seconds or
+  None without warm-ups, [seconds of each timed call])."""
+  first = None
+  for i in range(warmups):
+    t0 = time.perf_counter()
+    fn()
+    if i == 0:
+      first = time.perf_counter() - t0
+  secs = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    secs.append(time.perf_counter() - t0)
+  return first, secs
+
+
+def upper_median(values):
+  """The middle value; of an even count the upper of the two middle ones (not their mean)."""
+  values = sorted(values)
+  return values[len(values) // 2]
+
+
+def peak_rss_mb() -> float:
+  """This process's peak resident memory so far (`ru_maxrss`), MiB."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def emit_result(obj) -> None:
+  """The child's answer to `run_child`: one line on stdout."""
+  print(RESULT + json.dumps(obj), flush=True)
+
+
+def run_child(cmd, what: str, env=None):
+  """Runs `cmd` to its end and returns the JSON of its last `RESULT ` line; exits with the
+  tail of its stderr when it fails or prints none (`what` names it in the message)."""
+  done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+  lines = [l for l in done.stdout.splitlines() if l.startswith(RESULT)]
+  if done.returncode or not lines:
+    sys.exit(f"error: {what} failed with exit code {done.returncode}:\n{done.stderr[-3000:]}")
+  return json.loads(lines[-1][len(RESULT):])
