@@ -256,7 +256,8 @@ def test_compare_runs_on_a_tiny_budget(tfds_dir, tmp_path):
          "--budget_minutes=0.05", f"--out={out}", f"--data_dir={tfds_dir}", "--points=2",
          "--samples_per_class=2", "--curve_per_class=1", "--steps=3", "--batch=10",
          "--loss_images=20", "--loss_repeats=1", "--propagation_per_class=1",
-         "--aug_levels=0,0.2", "--classifier_epochs=1"]
+         "--aug_levels=0,0.2", "--classifier_epochs=1",
+         "--classifier_images=2000"]
   done = subprocess.run(cmd, capture_output=True, text=True)
   assert done.returncode == 0, done.stderr[-4000:]
   report = json.loads((out / "compare.json").read_text())
