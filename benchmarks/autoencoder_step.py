@@ -41,7 +41,7 @@ for _ in range({steps}):
   state, *_ = step(state, batch, rng)
 jax.block_until_ready(state)
 dt = (time.perf_counter() - t) / {steps}
-timing.emit_result({{'gflop': step.cost_analysis()['flops'] / 1e9, 'sec': dt}})
+timing.emit_result({{'gflop': timing.xla_flops(step) / 1e9, 'sec': dt}})
 """
 
 

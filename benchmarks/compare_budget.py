@@ -13,6 +13,7 @@ from ldm_jax.config_schema import AUTOENCODER
 from ldm_jax.models.builders import build_autoencoder
 from ldm_jax.train.autoencoder import AutoencoderTask
 from ldm_jax.train.diffusion import DiffusionTask
+from timing import xla_flops
 
 # Share of a system's budget per stage (the default presets' own proportions).
 STAGE_SHARES = {
@@ -27,12 +28,6 @@ LOOP_OVERHEAD = 1.1      # data, metrics and checkpoints on top of the compiled 
 
 def log(msg: str) -> None:
   print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", 0.0))
 
 
 def _random_batch(config, batch: int, rng) -> dict:
@@ -87,7 +82,7 @@ def measure_step(config, stage: str, repeats: int = 3) -> dict:
       state = _init(task)
       compiled = fn.lower(state, batch, jax.random.key(1)).compile()
       out[gan] = (_time_steps(compiled, state, (batch, jax.random.key(1)), repeats),
-                  flops(compiled) / config.train.batch_size)
+                  xla_flops(compiled) / config.train.batch_size)
     sec = (1 - AE_GAN_FRACTION) * out[False][0] + AE_GAN_FRACTION * out[True][0]
     per_image = (1 - AE_GAN_FRACTION) * out[False][1] + AE_GAN_FRACTION * out[True][1]
     return {"sec_per_step": sec, "train_flops_per_image": per_image,
@@ -100,7 +95,7 @@ def measure_step(config, stage: str, repeats: int = 3) -> dict:
   args = (batch, jax.random.key(1), task.codec_params)
   compiled = fn.lower(state, *args).compile()
   return {"sec_per_step": _time_steps(compiled, state, args, repeats),
-          "train_flops_per_image": flops(compiled) / block.train.batch_size,
+          "train_flops_per_image": xla_flops(compiled) / block.train.batch_size,
           "batch_size": int(block.train.batch_size)}
 
 

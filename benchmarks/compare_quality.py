@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compare_budget import flops, log
+from compare_budget import log
 from ldm_jax import codecs, load
 from ldm_jax import data as data_lib
 from ldm_jax import workdir as workdir_lib
@@ -16,6 +16,7 @@ from ldm_jax.evaluation.metrics import frechet_distance
 from ldm_jax.config_schema import AUTOENCODER
 from ldm_jax.pipeline import CascadePipeline, load_stages
 from ldm_jax.train.diffusion import DiffusionTask
+from timing import xla_flops
 
 
 def count_params(tree) -> int:
@@ -63,10 +64,10 @@ def sampling_flops(pipe, args) -> float:
     if st.is_super_resolution:
       cond = {**cond, "lowres": jnp.zeros(shape), "aug_level": jnp.zeros((2 * b,), jnp.int32)}
     denoise = jax.jit(lambda p, x, t, c, st=st: st.model(p, x, t, c))
-    total += args.steps * flops(denoise.lower(st.params, jnp.zeros(shape),
-                                               jnp.zeros((2 * b,), jnp.int32), cond).compile())
+    total += args.steps * xla_flops(denoise.lower(st.params, jnp.zeros(shape),
+                                                  jnp.zeros((2 * b,), jnp.int32), cond).compile())
     decode = jax.jit(lambda p, z, st=st: st.codec.decode(p, z))
-    total += flops(decode.lower(st.codec_params, jnp.zeros((b,) + st.latent_shape)).compile())
+    total += xla_flops(decode.lower(st.codec_params, jnp.zeros((b,) + st.latent_shape)).compile())
   return total / b
 
 

@@ -46,12 +46,6 @@ def _time(fn, reps: int) -> float:
   return timing.upper_median(timing.timed(lambda: jax.block_until_ready(fn()), reps)[1])
 
 
-def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"])
-
-
 def matmul_peak(dry: bool) -> float:
   """Measured bf16 matmul TFLOP/s (8192^2; 512^2 f32 in a dry run)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -111,7 +105,7 @@ def train_step(preset: str, batch: int, dry: bool, reps: int) -> dict:
     return metrics
 
   sec = _time(call, reps)
-  flops = _flops(step)
+  flops = timing.xla_flops(step)
   params = sum(x.size for x in jax.tree.leaves(abst.params))
   return dict(preset=preset, batch=batch, image=s, latent=list(codec.shape),
               unet_params_m=params / 1e6, compile_s=compile_s, sec=sec, tflop=flops / 1e12,
@@ -177,7 +171,7 @@ def sd_step(dry: bool, reps: int) -> dict:
       params, x, t, ctx).compile(platform.run_once_compiler_options() if dry else None)
   compile_s = time.perf_counter() - t0
   sec = _time(lambda: fn(params, x, t, ctx), reps)
-  flops = _flops(fn)
+  flops = timing.xla_flops(fn)
   return dict(unet_params_m=sum(p.size for p in jax.tree.leaves(params)) / 1e6,
               compile_s=compile_s, sec=sec, tflop=flops / 1e12, tflops=flops / sec / 1e12)
 

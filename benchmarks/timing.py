@@ -28,6 +28,15 @@ def timed(fn, reps: int, warmups: int = 1):
   return first, secs
 
 
+def xla_flops(compiled) -> float:
+  """FLOPs of one call of a compiled JAX program, from XLA's cost analysis (which some jax
+  releases return as a one-element list; a scan's body is counted once, not per step). XLA
+  leaves the key out for a program without arithmetic (the pixel codec's identity decode): 0."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0))
+
+
 def upper_median(values):
   """The middle value; of an even count the upper of the two middle ones (not their mean)."""
   values = sorted(values)

@@ -143,7 +143,7 @@ def run_jax(w: dict, variant: str) -> dict:
     conv = layers.conv(w["model"]["features"], 3)
     params = conv.init(keys[1], x[:1])["params"]
     step = jax.jit(lambda p, x: conv.apply({"params": p}, x)).lower(params, x).compile()
-    flops, calls = step.cost_analysis(), 1
+    flops, calls = timing.xla_flops(step), 1
     call = lambda: jax.block_until_ready(step(params, x))  # noqa: E731
   elif w["kind"] in ("encode", "decode"):
     ae = ae_configs.base_config().autoencoder
@@ -160,7 +160,7 @@ def run_jax(w: dict, variant: str) -> dict:
       def fn(p, x):
         return vae.apply({"params": p}, x, method=vae.decode)
     step = jax.jit(fn).lower(params, x).compile()
-    flops, calls = step.cost_analysis(), 1
+    flops, calls = timing.xla_flops(step), 1
     call = lambda: jax.block_until_ready(step(params, x))  # noqa: E731
   else:
     config = dict(w["model"])
@@ -189,7 +189,7 @@ def run_jax(w: dict, variant: str) -> dict:
 
       step = jax.jit(train_step, donate_argnums=(0, 1)).lower(
           params, opt_state, x, t, target).compile()
-      flops, calls = step.cost_analysis(), 1
+      flops, calls = timing.xla_flops(step), 1
       state = [params, opt_state]
 
       def call():
@@ -198,7 +198,7 @@ def run_jax(w: dict, variant: str) -> dict:
     elif w["kind"] == "guided_step":
       step = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, context=c)).lower(
           params, x, t, ctx).compile()
-      flops, calls = step.cost_analysis(), 1
+      flops, calls = timing.xla_flops(step), 1
       call = lambda: jax.block_until_ready(step(params, x, t, ctx))  # noqa: E731
     else:  # sample: the project's scanned DDIM with guidance in each step
       sched = diffusion.make_schedule("scaled_linear", 1000, 0.00085, 0.012)
@@ -217,16 +217,14 @@ def run_jax(w: dict, variant: str) -> dict:
 
       step = jax.jit(run).lower(params, x, w["guidance"]).compile()
       one = jax.jit(lambda p, z, t: diffusion.guided(model_fn)(z, t, labels, null, 3.0, p))
-      flops = one.lower(params, x, t).compile().cost_analysis()
+      flops = timing.xla_flops(one.lower(params, x, t).compile())
       calls = w["steps"]  # XLA counts a scan's body once
       call = lambda: jax.block_until_ready(step(params, x, w["guidance"]))  # noqa: E731
-  if isinstance(flops, (list, tuple)):
-    flops = flops[0]
   first, secs = timing.timed(call, w["reps"])
   if w.get("profile"):
     trace_dir = os.path.join(w["profile"], f"{w['name']}_{variant}_trace")
     profiles.write_top(w["profile"], w["name"], variant, profiles.jax_ops(call, trace_dir))
-  out = dict(first_s=first, secs=secs, gflop=flops["flops"] * calls / 1e9,
+  out = dict(first_s=first, secs=secs, gflop=flops * calls / 1e9,
              backend=jax.default_backend())
   mem = step.memory_analysis()  # XLA's buffer assignment: what the program itself holds
   if mem is not None:
