@@ -39,6 +39,7 @@ import numpy as np
 from ldm_jax import codecs, diffusion, load, sample_inputs
 from ldm_jax import workdir as workdir_lib
 from ldm_jax.diffusion import samplers
+from ldm_jax.diffusion import thresholding as thresholding_lib
 from ldm_jax.errors import UserError
 from ldm_jax.evaluation.images import to_uint8
 from ldm_jax.models.builders import TEXT_KINDS
@@ -47,6 +48,21 @@ from ldm_jax.models.denoiser import LOWRES_KEYS, DiffusionModel
 # config.<stage>.scheduler keys (diffusers scheduler_config.json terms) -> sampler keywords.
 SCHEDULER_OPTIONS = ("timestep_spacing", "steps_offset", "set_alpha_to_one", "clip_sample",
                      "use_karras_sigmas", "final_sigmas_type", "lower_order_final")
+
+
+# Imagen's dynamic thresholding has no upper bound on s (0 = none).
+DYNAMIC_MAX_VALUE = 0.0
+
+
+def stage_thresholding(block: ml_collections.ConfigDict):
+  """config.<stage>.sample's thresholding (None when 'none' or absent: older workdirs)."""
+  s = block.sample
+  try:
+    return thresholding_lib.from_options(s.get("thresholding", "none"),
+                                         s.get("dynamic_ratio", 0.995),
+                                         s.get("sample_max_value", 1.0))
+  except ValueError as e:
+    raise UserError(f"config.{block.get('name', 'stage')}.sample: {e}") from e
 
 
 def from_workdir(workdir: str, step: Optional[int] = None):
@@ -78,11 +94,13 @@ class DiffusionPipeline:
   def __init__(self, *, codec: Any, codec_params: Any, model: DiffusionModel, params: Any,
                schedule: diffusion.DiffusionSchedule, parameterization: str = "eps",
                class_names: Sequence[str] = (), sampler_options: Optional[dict] = None,
-               sample_aug_level: float = 0.0, name: str = "ldm"):
+               sample_aug_level: float = 0.0, name: str = "ldm",
+               thresholding: Optional[thresholding_lib.Thresholding] = None):
     """`sampler_options`: SCHEDULER_OPTIONS values applied to every sampler (None: each
     sampler's defaults: DDIM leading + steps_offset 1, DDPM leading, DPM-Solver++ linspace).
     `sample_aug_level`: a super-resolution stage's default augmentation level (a fraction of
-    the timesteps)."""
+    the timesteps). `thresholding`: what every sampler does to its predicted x_0 by default
+    (None: nothing, or a converted scheduler's clip_sample)."""
     unknown = sorted(set(sampler_options or {}) - set(SCHEDULER_OPTIONS))
     if unknown:
       raise UserError(f"unknown sampler options {unknown} (config.<stage>.scheduler: "
@@ -93,6 +111,7 @@ class DiffusionPipeline:
     self.schedule, self.parameterization = schedule, parameterization
     self.class_names = list(class_names)
     self.sample_aug_level, self.name = float(sample_aug_level), name
+    self.thresholding = thresholding
     self.checkpoint_step: Optional[int] = None  # set when loaded from a workdir
     self._compiled, self._encode = {}, None
 
@@ -105,7 +124,8 @@ class DiffusionPipeline:
                parameterization=block.diffusion.parameterization,
                class_names=parts.meta.get("class_names", ()),
                sampler_options=scheduler_options(config, parts.name),
-               sample_aug_level=float(block.lowres.sample_aug_level), name=parts.name)
+               sample_aug_level=float(block.lowres.sample_aug_level), name=parts.name,
+               thresholding=stage_thresholding(block))
     pipe.checkpoint_step = parts.step
     return pipe
 
@@ -203,6 +223,24 @@ class DiffusionPipeline:
     rng = None if seed is None else _encode_key(jax.random.key(seed))
     return np.asarray(self._encode(self.codec_params, jnp.asarray(x), rng))
 
+  def resolve_thresholding(self, thresholding=None):
+    """The Thresholding a call uses (None: leave x_0 alone): `thresholding` given as a kind
+    ('none', 'static', 'dynamic') or a Thresholding, else the stage's default."""
+    if thresholding is None:
+      return self.thresholding
+    if isinstance(thresholding, thresholding_lib.Thresholding):
+      return thresholding if thresholding.active else None
+    default = self.thresholding or thresholding_lib.Thresholding()
+    kind = str(thresholding)
+    if kind not in thresholding_lib.KINDS:
+      raise UserError(f"thresholding={kind!r}: one of {', '.join(thresholding_lib.KINDS)}")
+    if kind == "none":
+      return None
+    if kind == default.kind:
+      return default
+    return thresholding_lib.Thresholding(
+        kind, default.ratio, 1.0 if kind == "static" else DYNAMIC_MAX_VALUE)
+
   def aug_steps(self, aug_level: Optional[float]) -> int:
     """An augmentation level (fraction of the timesteps, None: the stage's default) as the
     integer level the UNet embeds (0: the low-resolution image is used as it is)."""
@@ -221,8 +259,14 @@ class DiffusionPipeline:
       kwargs["steps_offset"] = int(options["steps_offset"])
     if sampler == "ddim" and options.get("set_alpha_to_one") is not None:
       kwargs["set_alpha_to_one"] = bool(options["set_alpha_to_one"])
-    if sampler in ("ddpm", "ddim") and options.get("clip_sample"):
-      kwargs["clip_x0"] = float(options["clip_sample"])
+    rule = options.get("thresholding")
+    if rule is None and sampler in ("ddpm", "ddim") and options.get("clip_sample"):
+      # A converted diffusers scheduler's clip_sample (DDPM/DDIM only, as there).
+      rule = thresholding_lib.Thresholding("static", max_value=float(options["clip_sample"]))
+    if rule is not None and rule.active:
+      kwargs["thresholding"] = rule
+      if sampler == "ddim":
+        kwargs["recompute_eps"] = bool(options.get("use_clipped_model_output", False))
     if sampler == "dpmpp_2m":  # DPMSolverMultistepScheduler's options ("DPM++ 2M Karras")
       for key in ("use_karras_sigmas", "lower_order_final"):
         if options.get(key) is not None:
@@ -308,7 +352,7 @@ class DiffusionPipeline:
              negative_prompt=None, negative_labels=None, init_image=None,
              init_latents=None, strength: Optional[float] = None, mask=None,
              use_karras_sigmas: Optional[bool] = None,
-             final_sigmas_type: Optional[str] = None):
+             final_sigmas_type: Optional[str] = None, thresholding=None):
     """Draws `num_samples` images (NHWC uint8, or float in [-1, 1] with as_uint8=False).
 
     With trajectory=True also returns the decoded x_t after every step, [steps, N, H, W, C].
@@ -319,6 +363,8 @@ class DiffusionPipeline:
     `lowres` (float images in [-1, 1], [N, h, w, C]) and noises them to `aug_level`.
     `rng` replaces `jax.random.key(seed)`. `use_karras_sigmas` ("DPM++ 2M Karras") and
     `final_sigmas_type` ('zero', 'sigma_min') override the workdir's DPM-Solver++ settings.
+    `thresholding` ('none', 'static', 'dynamic' or a `Thresholding`; None: the stage's
+    config.<stage>.sample.thresholding) is applied to the predicted x_0 at every step.
 
     `negative_prompt` (a string or one per sample; text models) / `negative_labels` (class
     models) replace the empty prompt / null label in guidance's unconditional branch.
@@ -346,6 +392,11 @@ class DiffusionPipeline:
                        ("final_sigmas_type", final_sigmas_type)):
       if value is not None:
         options[key] = value
+    rule = self.resolve_thresholding(thresholding)
+    if rule is not None:
+      # Our own rule: DDIM re-derives eps from the thresholded x_0, as ADM (a converted
+      # scheduler's clip_sample keeps diffusers' default, the model's eps).
+      options.update(thresholding=rule, use_clipped_model_output=True)
     if latents is not None:
       latents = np.asarray(latents, np.float32)
       want = (int(num_samples),) + self.latent_shape

@@ -19,6 +19,9 @@ With Karras sigmas ("DPM++ 2M Karras") the levels are sigma_i = (smax^(1/7) + i/
 (smin^(1/7) - smax^(1/7)))^7 between the table's ends (sigma = sqrt((1 - abar) / abar),
 alpha = 1 / sqrt(1 + sigma^2)), the model evaluated at the rounded matching timestep.
 
+Every sampler takes `thresholding` (`ldm_jax.diffusion.thresholding`: none, static clipping or
+Imagen's dynamic thresholding), applied to x0^ at every step before it is used.
+
 Timesteps follow diffusers ('leading', 'linspace', 'trailing' spacings, `steps_offset`). The noise
 of step i is `jax.random.normal(jax.random.split(rng, num_steps)[i], x_T.shape, jnp.float32)`.
 Jit with `num_steps` (and the other str/bool options) static; eta, rng, guidance scale and the
@@ -43,6 +46,7 @@ import numpy as np
 
 from ldm_jax.diffusion.objectives import predict_x0_and_eps
 from ldm_jax.diffusion.schedules import DiffusionSchedule, karras_sigmas, sigma_to_timestep
+from ldm_jax.diffusion.thresholding import Thresholding
 
 SPACINGS = ("leading", "linspace", "trailing")
 DenoiseFn = Callable[..., jax.Array]
@@ -100,13 +104,23 @@ def dpm_solver_timesteps(spacing: str, num_train_timesteps: int, num_steps: int,
   return _checked(ts, T, spacing)
 
 
-def _predict(denoise_fn, sched, x, t, model_args, parameterization, clip_x0):
-  """(x0^, eps^) from one model call at the scalar timestep t, broadcast to the batch."""
+def _threshold(x0, thresholding: Thresholding | None):
+  return x0 if thresholding is None else thresholding(x0)
+
+
+def _predict(denoise_fn, sched, x, t, model_args, parameterization, thresholding,
+             recompute_eps=False):
+  """(x0^, eps^) from one model call at the scalar timestep t, broadcast to the batch; x0^
+  thresholded, and eps^ re-derived from it when `recompute_eps` (ADM's DDIM; diffusers'
+  use_clipped_model_output)."""
   tb = jnp.full((x.shape[0],), t, jnp.int32)
   out = jnp.asarray(denoise_fn(x, tb, *model_args), jnp.float32)
   x0, eps = predict_x0_and_eps(sched, x, tb, out, parameterization)
-  if clip_x0 is not None:
-    x0 = jnp.clip(x0, -clip_x0, clip_x0)
+  if thresholding is not None:
+    x0 = thresholding(x0)
+    if recompute_eps:
+      a = sched.alphas_cumprod[t]
+      eps = (x - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)
   return x0, eps
 
 
@@ -143,7 +157,7 @@ def _run(body, init, xs, return_trajectory, start_step=0, step_hook=None):
 def ddpm_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: DiffusionSchedule, *,
                 num_steps: int, rng: jax.Array, model_args: tuple = (),
                 parameterization: str = "eps", spacing: str = "leading", steps_offset: int = 0,
-                clip_x0: float | None = None, return_trajectory: bool = False,
+                thresholding: Thresholding | None = None, return_trajectory: bool = False,
                 start_step: int = 0, step_hook: StepHook | None = None):
   """Ancestral sampling from p(x_{t'} | x_t) = q(x_{t'} | x_t, x0^) with the fixed small variance.
 
@@ -162,7 +176,7 @@ def ddpm_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: DiffusionSchedule,
 
   def body(x, inp):
     t, c0, ct, s, key = inp
-    x0, _ = _predict(denoise_fn, sched, x, t, model_args, parameterization, clip_x0)
+    x0, _ = _predict(denoise_fn, sched, x, t, model_args, parameterization, thresholding)
     x = c0 * x0 + ct * x + s * _normal(key, x)
     return x, (x, x0)
 
@@ -183,12 +197,14 @@ def ddim_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: DiffusionSchedule,
                 num_steps: int, rng: jax.Array | None = None, eta: float | jax.Array = 0.0,
                 model_args: tuple = (), parameterization: str = "eps", spacing: str = "leading",
                 steps_offset: int = 1, set_alpha_to_one: bool = False,
-                clip_x0: float | None = None, return_trajectory: bool = False,
-                start_step: int = 0, step_hook: StepHook | None = None):
+                thresholding: Thresholding | None = None, recompute_eps: bool = False,
+                return_trajectory: bool = False, start_step: int = 0,
+                step_hook: StepHook | None = None):
   """DDIM with stochasticity eta (0: deterministic, 1: DDPM's posterior variance).
 
   Defaults are Stable Diffusion's DDIMScheduler (leading spacing, steps_offset=1,
-  set_alpha_to_one=False, no clipping). The step goes to the NEXT timestep in the list, which is
+  set_alpha_to_one=False, no thresholding). With `thresholding`, eps^ stays the model's unless
+  `recompute_eps` (diffusers' default; ADM re-derives it from the thresholded x0^). The step goes to the NEXT timestep in the list, which is
   diffusers' t - T // N for 'leading'/'trailing' (diffusers differs for 'linspace'). With rng=None
   the noise term is dropped, so eta > 0 needs an rng.
   """
@@ -200,7 +216,8 @@ def ddim_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: DiffusionSchedule,
 
   def body(x, inp):
     t, at_prev, v, key = inp
-    x0, eps = _predict(denoise_fn, sched, x, t, model_args, parameterization, clip_x0)
+    x0, eps = _predict(denoise_fn, sched, x, t, model_args, parameterization, thresholding,
+                       recompute_eps)
     s = eta * jnp.sqrt(v)
     x = (jnp.sqrt(at_prev) * x0 + jnp.sqrt(jnp.maximum(1.0 - at_prev - s * s, 0.0)) * eps
          + s * _normal(key, x))
@@ -264,7 +281,8 @@ def dpm_solver_pp_2m_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: Diffus
                             num_steps: int, rng: jax.Array | None = None, model_args: tuple = (),
                             parameterization: str = "eps", spacing: str = "linspace",
                             steps_offset: int = 0, lower_order_final: bool = True,
-                            final_sigmas_type: str = "zero", clip_x0: float | None = None,
+                            final_sigmas_type: str = "zero",
+                            thresholding: Thresholding | None = None,
                             return_trajectory: bool = False, start_step: int = 0,
                             step_hook: StepHook | None = None, use_karras_sigmas: bool = False):
   """DPM-Solver++(2M), multistep data prediction, midpoint form (diffusers' defaults).
@@ -312,8 +330,7 @@ def dpm_solver_pp_2m_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: Diffus
     out = jnp.asarray(denoise_fn(x, jnp.full((x.shape[0],), t, jnp.int32), *model_args),
                       jnp.float32)
     x0 = _x0_at_level(x, out, al, si, parameterization)
-    if clip_x0 is not None:
-      x0 = jnp.clip(x0, -clip_x0, clip_x0)
+    x0 = _threshold(x0, thresholding)
     x = cx * x + c0 * x0 + c1 * x0_last
     return (x, x0), (x, x0)
 
