@@ -27,10 +27,18 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A trained workdir: LDM, pixel-space model or cascade "
                     "(train.py --config=configs/{ldm,pixel,cascade}.py), or a converted one.")
 flags.DEFINE_integer("num_samples", 16, "Number of images.")
-flags.DEFINE_enum("sampler", "ddim", ["ddpm", "ddim", "dpmpp_2m"], "Reverse-process sampler.")
-flags.DEFINE_integer("steps", 50, "Sampler steps.")
-flags.DEFINE_float("guidance", 3.0, "Classifier-free guidance scale (1 = conditional only).")
-flags.DEFINE_float("eta", 0.0, "DDIM stochasticity.")
+# Per-stage settings: one value for every stage, or a comma list with one per stage (a
+# cascade's base first); absent: each stage's own config.<stage>.sample.
+flags.DEFINE_list("sampler", None, "Reverse-process sampler: ddpm, ddim or dpmpp_2m (default: "
+                  "the stage's sample.sampler; per stage: ddim,ddpm,ddpm).")
+flags.DEFINE_list("steps", None, "Sampler steps (default: the stage's sample.steps; per "
+                  "stage: 50,20,20).")
+flags.DEFINE_list("guidance", None, "Classifier-free guidance scale, 1 = conditional only "
+                  "(default: the stage's sample.guidance; per stage: 3,1,1).")
+flags.DEFINE_list("eta", None, "DDIM stochasticity (default: the stage's sample.eta).")
+flags.DEFINE_list("thresholding", None, "What each step does to the predicted x_0: none, "
+                  "static (clip to [-1, 1]) or dynamic (Imagen) (default: the stage's "
+                  "sample.thresholding: static for pixel stages, none for latents).")
 flags.DEFINE_integer("seed", 0, "Random seed: same seed, same images.")
 flags.DEFINE_integer("label", None, "Class label for every sample (class-conditional models).")
 flags.DEFINE_string("prompt", None, "Text prompt (text-conditional models).")
@@ -56,9 +64,10 @@ flags.DEFINE_enum("timestep_spacing", None, ["leading", "linspace", "trailing"],
                   "sampler's own default).")
 flags.DEFINE_integer("steps_offset", None, "Offset added to 'leading' timesteps (default: the "
                      "workdir's scheduler settings).")
-flags.DEFINE_float("aug_level", None, "Cascades: noise level of each super-resolution stage's "
-                   "low-resolution input, a fraction of the timesteps in [0, 1) (default: the "
-                   "stage's lowres.sample_aug_level).")
+flags.DEFINE_list("aug_level", None, "Cascades: noise level of each super-resolution stage's "
+                  "low-resolution input, a fraction of the timesteps in [0, 1): one value, or "
+                  "one per super-resolution stage (default: the stage's "
+                  "lowres.sample_aug_level).")
 flags.DEFINE_string("out", "samples.png", "Output: a grid (.png or .jpg), or every sample in "
                     "one .npz (images, labels; sampled in batches, restartable).")
 flags.DEFINE_string("out_dir", None, "Write every sample as its own PNG into this folder "
@@ -84,15 +93,17 @@ def main(argv):
   from ldm_jax.pipeline import LatentDiffusionPipeline
   from ldm_jax.pipeline_runs import StepProgress, sample_grid
   from ldm_jax.sampling_batches import write_image
+  from ldm_jax import stage_settings
   try:
     pipe = LatentDiffusionPipeline.from_workdir(FLAGS.workdir)
     edit = _edit_kwargs(pipe)
+    per_stage = stage_settings.sample_kwargs(pipe, _per_stage_flags())
     kwargs = dict(
-        sampler=FLAGS.sampler, steps=FLAGS.steps, guidance=FLAGS.guidance, eta=FLAGS.eta,
-        seed=FLAGS.seed, timestep_spacing=FLAGS.timestep_spacing,
-        steps_offset=FLAGS.steps_offset, aug_level=FLAGS.aug_level,
+        **per_stage, seed=FLAGS.seed, timestep_spacing=FLAGS.timestep_spacing,
+        steps_offset=FLAGS.steps_offset,
         negative_prompt=FLAGS.negative_prompt, negative_labels=FLAGS.negative_label,
-        progress=StepProgress(_steps_run(edit)), **edit)
+        progress=StepProgress(_steps_run(edit, stage_settings.total_steps(per_stage))),
+        **edit)
     if FLAGS.prompts_file:
       _write_rows(pipe, kwargs)
       return
@@ -117,20 +128,15 @@ def _check_flags() -> None:
   import math
   from ldm_jax.errors import UserError
   from ldm_jax.sampling_batches import IMAGE_FORMATS
-  at_least = {"num_samples": 1, "steps": 1, "trajectory_frames": 1, "batch_size": 1,
+  _per_stage_flags()
+  at_least = {"num_samples": 1, "trajectory_frames": 1, "batch_size": 1,
               "label": 0, "negative_label": 0, "steps_offset": 0}
   for name, low in at_least.items():
     value = getattr(FLAGS, name)
     if value is not None and value < low:
       raise UserError(f"--{name}={value} must be at least {low}")
-  for name in ("guidance", "eta", "aug_level", "strength"):
-    value = getattr(FLAGS, name)
-    if value is not None and not math.isfinite(value):
-      raise UserError(f"--{name}={value} must be a finite number")
-  if FLAGS.eta < 0:
-    raise UserError(f"--eta={FLAGS.eta} must be at least 0")
-  if FLAGS.aug_level is not None and not 0 <= FLAGS.aug_level < 1:
-    raise UserError(f"--aug_level={FLAGS.aug_level} must be in [0, 1)")
+  if FLAGS.strength is not None and not math.isfinite(FLAGS.strength):
+    raise UserError(f"--strength={FLAGS.strength} must be a finite number")
   if not 0 <= FLAGS.seed < 2**32:
     raise UserError(f"--seed={FLAGS.seed} must be in [0, 2^32)")
   ext = os.path.splitext(FLAGS.out)[1].lower()
@@ -168,7 +174,10 @@ def _sample_in_batches(pipe, kwargs: dict):
       order = np.argsort(labels, kind="stable")
       return make_grid(images[order], ncols=n // len(names), row_labels=names)
     return make_grid(images, ncols=int(np.ceil(np.sqrt(n))))
+  from ldm_jax import stage_settings
   named = {k: v for k, v in kwargs.items() if k not in ("init_image", "mask", "progress")}
+  # The rule each stage applied to its x_0 (resolved: kind, percentile, bound).
+  named["x0_thresholding"] = stage_settings.recorded(pipe, kwargs)["thresholding"]
   # The checkpoint steps too: a restart after a newer checkpoint was saved is refused rather
   # than mixing the images of two models in one folder.
   settings = sb.settings_of(FLAGS.workdir, plan, FLAGS.label, FLAGS.prompt,
@@ -202,11 +211,18 @@ def _edit_kwargs(pipe) -> dict:
   return edit
 
 
-def _steps_run(edit: dict) -> int:
+def _per_stage_flags() -> dict:
+  """The per-stage flags parsed ({name: list of values or None}); one line for a bad one."""
+  from ldm_jax import stage_settings
+  return stage_settings.parse_all(**{name: getattr(FLAGS, name)
+                                     for name in stage_settings.PARSERS})
+
+
+def _steps_run(edit: dict, steps: int) -> int:
   from ldm_jax.errors import UserError
   from ldm_jax.pipeline import steps_run
   try:
-    return steps_run(FLAGS.steps, edit.get("strength"))
+    return steps_run(steps, edit.get("strength"))
   except ValueError as e:
     raise UserError(f"--strength: {e}") from e
 

@@ -20,8 +20,17 @@ import pixel as pixel_configs  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def sr_stage(resolution: int, lower: str) -> ml_collections.ConfigDict:
+  """A super-resolution stage. v-prediction (Salimans & Ho 2022; Imagen Video's SR models):
+  with eps-prediction x_0^ = (x_t - sigma eps^) / alpha multiplies the network's error by
+  sigma / alpha, up to 95x at the linear schedule's last steps, so the early steps' x_0 is
+  noise whatever the conditioning says, and short-trained SR stages diverged into noise and
+  lost to bicubic upsampling (docs/COMPARISON.md); with v, x_0^ = alpha x_t - sigma v^ and the
+  error is never amplified. No guidance at sampling by default (CDM's SR models use none):
+  the low-resolution image already carries the class."""
   s = pixel_configs.pixel_stage(resolution)
+  s.diffusion.update(parameterization="v")
   s.lowres.update(stage=lower, aug_max=0.5, sample_aug_level=0.1)
+  s.sample.update(guidance=1.0)
   return s
 
 
@@ -65,7 +74,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
                     num_groups=8)
       s.optim.update(warmup_steps=5)
       s.train.update(batch_size=16, num_steps=20, log_every=10, eval_every=20,
-                     checkpoint_every=10)
+                     checkpoint_every=10, sr_eval_images=16)
       s.sample.update(steps=4, num_samples=8)
   else:
     # CDM ImageNet (Ho et al. 2021, table 6 / appendix): 64x64 base with 192 channels, mult

@@ -34,6 +34,10 @@ def pixel_stage(resolution: int = 0) -> ml_collections.ConfigDict:
   # Pixels are already unit-scale ([-1, 1]); the linear schedule of DDPM / the LDM paper's
   # pixel baselines rather than SD's scaled-linear one tuned for latents.
   s.diffusion.update(schedule="linear", beta_start=1e-4, beta_end=0.02)
+  # Pixels are bounded: the predicted x_0 is clipped to [-1, 1] at every sampling step, as
+  # DDPM, ADM and CDM sample (Imagen's 'dynamic' thresholding is the alternative; on
+  # Fashion-MNIST's exact-black backgrounds it dims them: docs/COMPARISON.md).
+  s.sample.update(thresholding="static", sample_max_value=1.0)
   return s
 
 

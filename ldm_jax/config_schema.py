@@ -72,7 +72,16 @@ def diffusion_stage() -> ml_collections.ConfigDict:
       # stage reads at least one epoch (num_steps * batch_size >= records; otherwise
       # encoding on the fly is cheaper); every skip is logged with its reason. Rebuilt when
       # the autoencoder, the data or its preprocessing change (ldm_jax/train/latent_cache.py).
-      cache_latents=True, latent_cache_max_gib=4.0))
+      cache_latents=True, latent_cache_max_gib=4.0,
+      # A super-resolution stage: at the end of training, sample this many held-out images
+      # from their real downsampled versions and report PSNR against bicubic upsampling
+      # (summary.json sr_psnr / bicubic_psnr, the stage's result line; 0 = skip).
+      sr_eval_images=500))
+  # The stage's own sampling settings (sample.py / evaluate / a cascade use them per stage
+  # unless given): thresholding of the predicted x_0 at every step ('none', 'static': clip
+  # to +-sample_max_value, 'dynamic': Imagen's percentile `dynamic_ratio` of |x_0| per
+  # sample, s clipped to [1, sample_max_value], 0 = no upper bound); 'none' for latents.
   c.sample = ml_collections.ConfigDict(dict(
-      sampler="ddim", steps=50, guidance=3.0, eta=0.0, num_samples=64))
+      sampler="ddim", steps=50, guidance=3.0, eta=0.0, num_samples=64, thresholding="none",
+      dynamic_ratio=0.995, sample_max_value=1.0))
   return c

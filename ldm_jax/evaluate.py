@@ -23,10 +23,17 @@ flags.DEFINE_integer("num_samples", 10_000, "Samples to draw (class models: bala
 flags.DEFINE_integer("batch_size", None, "Images per sampling batch (default: sized to the "
                      "device's memory, at most 256).")
 flags.DEFINE_integer("seed", 0, "Seed of the samples and of the KID subsets.")
-flags.DEFINE_enum("sampler", "ddim", ["ddpm", "ddim", "dpmpp_2m"], "Reverse-process sampler.")
-flags.DEFINE_integer("steps", 50, "Sampler steps.")
-flags.DEFINE_float("guidance", 3.0, "Classifier-free guidance scale.")
-flags.DEFINE_float("eta", 0.0, "DDIM stochasticity.")
+# Per-stage settings (as sample.py): one value, or a comma list with one per stage; absent:
+# each stage's own config.<stage>.sample.
+flags.DEFINE_list("sampler", None, "Reverse-process sampler (ddpm, ddim, dpmpp_2m).")
+flags.DEFINE_list("steps", None, "Sampler steps, e.g. 50 or 50,20,20.")
+flags.DEFINE_list("guidance", None, "Classifier-free guidance scale, e.g. 3 or 3,1,1.")
+flags.DEFINE_list("eta", None, "DDIM stochasticity.")
+flags.DEFINE_list("thresholding", None, "x_0 thresholding per step: none, static, dynamic.")
+flags.DEFINE_list("aug_level", None, "Cascades: the super-resolution stages' augmentation "
+                  "level (fraction of the timesteps), one value or one per SR stage.")
+flags.DEFINE_integer("sr_images", 500, "Cascades: held-out images on which each "
+                     "super-resolution stage is scored against bicubic upsampling (0: skip).")
 flags.DEFINE_integer("step", None, "Checkpoint step of the last stage (default: the newest).")
 flags.DEFINE_string("inception", None, "FID Inception-v3 weights: the .npz of `python -m "
                     "ldm_jax.convert.inception`, or pytorch-fid's "
@@ -47,7 +54,7 @@ flags.DEFINE_string("data_dir", None, "Override the workdir's config.data.data_d
 flags.mark_flags_as_required(["workdir"])
 
 _OPTION_FLAGS = ("num_samples", "batch_size", "seed", "sampler", "steps", "guidance", "eta",
-                 "step", "inception", "inception_batch", "save_samples", "max_test_images",
+                 "thresholding", "aug_level", "sr_images", "step", "inception", "inception_batch", "save_samples", "max_test_images",
                  "judge_epochs", "judge_train_images", "kid_subsets", "kid_subset_size",
                  "autoencoder", "cache_dir", "data_dir")
 
@@ -61,6 +68,9 @@ def _summary(result: dict) -> str:
   if "class_accuracy" in cls:
     parts.append(f"class accuracy {cls['class_accuracy']:.3f}")
   parts.append(f"classifier FD {cls['frechet_distance']:.2f}")
+  for name, sr in (result.get("super_resolution") or {}).items():
+    parts.append(f"{name}: SR {sr['psnr_sr']:.2f} dB vs bicubic {sr['psnr_bicubic']:.2f} dB, "
+                 f"accuracy {sr['accuracy_sr']:.3f} vs {sr['accuracy_bicubic']:.3f}")
   ae = result.get("autoencoder")
   if ae:
     rfid = f"  rFID {ae['rfid']:.2f}" if "rfid" in ae else ""

@@ -62,7 +62,7 @@ def stage_thresholding(block: ml_collections.ConfigDict):
                                          s.get("dynamic_ratio", 0.995),
                                          s.get("sample_max_value", 1.0))
   except ValueError as e:
-    raise UserError(f"config.{block.get('name', 'stage')}.sample: {e}") from e
+    raise UserError(f"config.<stage>.sample: {e}") from e
 
 
 def from_workdir(workdir: str, step: Optional[int] = None):
@@ -112,6 +112,9 @@ class DiffusionPipeline:
     self.class_names = list(class_names)
     self.sample_aug_level, self.name = float(sample_aug_level), name
     self.thresholding = thresholding
+    # The stage's own sampler, steps, guidance and eta (config.<stage>.sample), used by a
+    # cascade for the stages a call gives no value for.
+    self.sample_defaults = dict(sampler="ddim", steps=50, guidance=1.0, eta=0.0)
     self.checkpoint_step: Optional[int] = None  # set when loaded from a workdir
     self._compiled, self._encode = {}, None
 
@@ -126,6 +129,7 @@ class DiffusionPipeline:
                sampler_options=scheduler_options(config, parts.name),
                sample_aug_level=float(block.lowres.sample_aug_level), name=parts.name,
                thresholding=stage_thresholding(block))
+    pipe.sample_defaults = {k: block.sample[k] for k in pipe.sample_defaults}
     pipe.checkpoint_step = parts.step
     return pipe
 
@@ -483,6 +487,10 @@ def _nearest_upsample(images: np.ndarray, size: int) -> np.ndarray:
   return np.repeat(np.repeat(images, f, axis=-3), f, axis=-2)
 
 
+# What a cascade samples with per stage (CascadePipeline.sample / stage_settings).
+PER_STAGE_SETTINGS = ("sampler", "steps", "guidance", "eta", "thresholding", "aug_level")
+
+
 class CascadePipeline:
   """A base stage and super-resolution stages, run one after another: stage i + 1 is
   conditioned on stage i's output (resized inside its sampler and noised to `aug_level`).
@@ -516,11 +524,48 @@ class CascadePipeline:
     return "cascade of {} stages:\n  {}".format(
         len(self.stages), "\n  ".join(s.describe() for s in self.stages))
 
+  def stage_settings(self, **given) -> list:
+    """The sampling settings of every stage: for each of PER_STAGE_SETTINGS, the value given
+    (one for all stages, or a sequence with one per stage) or else the stage's own
+    (config.<stage>.sample, thresholding and lowres.sample_aug_level). `aug_level` may also
+    list the super-resolution stages only (the base has none)."""
+    n = len(self.stages)
+    unknown = sorted(set(given) - set(PER_STAGE_SETTINGS))
+    if unknown:
+      raise UserError(f"unknown per-stage settings {unknown}: {list(PER_STAGE_SETTINGS)}")
+    per = {}
+    for key, value in given.items():
+      if value is None:
+        continue
+      values = list(value) if isinstance(value, (list, tuple)) else [value]
+      if key == "aug_level" and len(values) == n - 1 and n > 1:
+        values = [None] + values
+      if len(values) == 1:
+        values = values * n
+      if len(values) != n:
+        names = ", ".join(st.name for st in self.stages)
+        raise UserError(f"{key}={','.join(map(str, value))}: give one value or one per stage "
+                        f"({n}: {names})")
+      per[key] = values
+    out = []
+    for i, stage in enumerate(self.stages):
+      s = dict(stage.sample_defaults, thresholding=None,
+               aug_level=None if i == 0 else stage.sample_aug_level)
+      s.update({k: v[i] for k, v in per.items() if v[i] is not None})
+      if i == 0:
+        s["aug_level"] = None
+      out.append(s)
+    return out
+
   def sample(self, num_samples: int, *, seed: int = 0, trajectory: bool = False,
-             as_uint8: bool = True, latents=None, aug_level: Optional[float] = None,
-             stage_outputs: bool = False, base_images=None, **kwargs):
+             as_uint8: bool = True, latents=None, stage_outputs: bool = False,
+             base_images=None, sampler=None, steps=None, guidance=None, eta=None,
+             thresholding=None, aug_level=None, **kwargs):
     """Images of the last stage (see DiffusionPipeline.sample for the keywords; `latents`
-    go to the base stage). trajectory=True also returns every stage's decoded x_t, resized
+    go to the base stage). `sampler`, `steps`, `guidance`, `eta`, `thresholding` and
+    `aug_level` are per stage: one value for all, a sequence with one per stage (aug_level:
+    or one per super-resolution stage), None for each stage's own (`stage_settings`).
+    trajectory=True also returns every stage's decoded x_t, resized
     (nearest) to the output size and concatenated in time. stage_outputs=True returns the
     list of each stage's images instead. `base_images` (float, [-1, 1]) replace the base
     stage's samples (e.g. to follow a corrupted base sample through the super-resolution).
@@ -530,6 +575,8 @@ class CascadePipeline:
     if edits:
       raise UserError(f"{edits[0]}: image-to-image and inpainting run on one stage (an LDM or "
                       "pixel-space workdir), not on a cascade")
+    settings = self.stage_settings(sampler=sampler, steps=steps, guidance=guidance, eta=eta,
+                                   thresholding=thresholding, aug_level=aug_level)
     key = jax.random.key(seed)
     frames, outputs = [], []
     images = None
@@ -541,8 +588,7 @@ class CascadePipeline:
         continue
       out = stage.sample(num_samples, rng=rng, trajectory=trajectory, as_uint8=False,
                          latents=latents if i == 0 else None,
-                         lowres=None if i == 0 else images,
-                         aug_level=None if i == 0 else aug_level, **kwargs)
+                         lowres=None if i == 0 else images, **settings[i], **kwargs)
       if trajectory:
         out, traj = out
         frames.append(traj)

@@ -179,6 +179,9 @@ def test_smoke_cascade_trains_every_stage_in_order_and_resumes(cascade_workdir, 
   assert shapes == {"base": [8, 8, 1], "sr16": [16, 16, 1], "sr32": [32, 32, 1]}
   for stage in shapes:
     assert summary[stage]["steps"] == 20 and summary[stage]["codec"] == "pixel"
+    if stage != "base":  # the SR-vs-bicubic check of every SR stage (issue 20)
+      assert summary[stage]["sr_eval_images"] == 16
+      assert 5.0 < summary[stage]["bicubic_psnr"] < 40.0 and np.isfinite(summary[stage]["sr_psnr"])
     assert (cascade_workdir / summary[stage]["sample_grid"]).exists()
     history = [h for h in read_jsonl(cascade_workdir / stage / "metrics.jsonl") if "loss" in h]
     assert all(np.isfinite(h["loss"]) for h in history)
@@ -301,3 +304,66 @@ def test_presets_build_with_their_stage_shapes(config_name, preset, expected):
     state = jax.eval_shape(task.init_state, jax.random.key(0))
     n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)) / 1e6
     assert lo < n < hi, (stage, n)
+
+
+def _x0_error_gain(block) -> float:
+  """How much an error in the network's output moves the x_0 the sampler's first step uses
+  (d x0^ / d out at the first DDIM timestep of the stage's own sample.steps)."""
+  sched = diffusion.make_schedule(block.diffusion.schedule, block.diffusion.num_timesteps,
+                                  block.diffusion.beta_start, block.diffusion.beta_end)
+  t = jnp.asarray([diffusion.timesteps("leading", sched.num_timesteps, block.sample.steps,
+                                       1)[0]], jnp.int32)
+  x = jnp.zeros((1, 1, 1, 1))
+  f = lambda out: diffusion.predict_x0_and_eps(  # noqa: E731
+      sched, x, t, out, block.diffusion.parameterization)[0].sum()
+  return float(jax.grad(f)(jnp.zeros((1, 1, 1, 1))).sum() ** 2) ** 0.5
+
+
+@pytest.mark.parametrize("preset", ["default", "smoke", "imagenet64_256"])
+def test_super_resolution_stages_do_not_amplify_their_error_into_x0(preset):
+  """The cause of the SR stages that lost to bicubic upsampling (issue 20): eps-prediction
+  turns an output error d into an x_0 error d sigma / alpha, 95x at the linear schedule's
+  first sampling step, so a short-trained SR model's early x_0 was noise whatever its
+  low-resolution input said and the chain drifted into saturated noise. SR stages predict v
+  (x_0^ = alpha x_t - sigma v^: the error is never amplified)."""
+  config = cascade_configs.get_config(preset)
+  sr = [s for s in config.stages if config[s].lowres.stage]
+  assert sr
+  for stage in sr:
+    assert _x0_error_gain(config[stage]) <= 1.0, stage
+    eps = config[stage].copy_and_resolve_references()
+    eps.diffusion.parameterization = "eps"
+    assert _x0_error_gain(eps) > 10.0  # what the eps stages had: the check can fail
+
+
+def test_cascade_stage_settings_per_stage_and_defaults(cascade_workdir):
+  from ldm_jax import stage_settings
+  from ldm_jax.pipeline import LatentDiffusionPipeline
+  pipe = LatentDiffusionPipeline.from_workdir(str(cascade_workdir))
+  own = pipe.stage_settings()
+  # Each stage's own config: the base guided, SR stages unguided, pixels clipped, aug levels.
+  assert [s["guidance"] for s in own] == [3.0, 1.0, 1.0]
+  assert [s["aug_level"] for s in own] == [None, 0.1, 0.1]
+  assert [s["steps"] for s in own] == [4, 4, 4]
+  assert [st.thresholding.kind for st in pipe.stages] == ["static"] * 3
+  given = stage_settings.parse_all(guidance="2,1.5,1", steps="3,2,2", aug_level="0.2,0",
+                                   thresholding="dynamic", sampler=None, eta=None)
+  kw = stage_settings.sample_kwargs(pipe, given)
+  assert kw["guidance"] == [2.0, 1.5, 1.0] and kw["steps"] == [3, 2, 2]
+  assert kw["aug_level"] == [None, 0.2, 0.0] and kw["thresholding"] == ["dynamic"] * 3
+  assert stage_settings.total_steps(kw) == 7
+  rec = stage_settings.recorded(pipe, kw)
+  assert rec["thresholding"] == ["dynamic (p=0.995, no upper bound)"] * 3
+  base = dict(seed=0, labels=[1, 2, 3, 4], as_uint8=False)
+  a = pipe.sample(4, **kw, **base)
+  b = pipe.sample(4, **{**kw, "thresholding": ["dynamic", "dynamic", "none"]}, **base)
+  c = pipe.sample(4, **{**kw, "guidance": [2.0, 1.5, 3.0]}, **base)
+  assert a.shape == (4, 32, 32, 1) and not np.allclose(a, b) and not np.allclose(a, c)
+  with pytest.raises(UserError, match="one per stage"):
+    pipe.sample(4, steps=[3, 2], **base)
+  for bad, match in (("guidance", "not a float"), ("thresholding", "one of"),
+                     ("steps", "not a int")):
+    with pytest.raises(UserError, match=match):
+      stage_settings.parse(bad, "x")
+  with pytest.raises(UserError, match="aug_level"):
+    stage_settings.parse("aug_level", "1.5")

@@ -18,17 +18,18 @@ import dataclasses
 import json
 import os
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import stage_settings
 from ldm_jax import sampling_batches as sb
 from ldm_jax import workdir as workdir_lib
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.errors import UserError
-from ldm_jax.evaluation import cache, classifier, metrics
+from ldm_jax.evaluation import cache, classifier, metrics, super_resolution
 from ldm_jax.evaluation.images import to_uint8
 from ldm_jax.evaluation.inception_features import InceptionFeatures, to_float
 from ldm_jax.pipeline import from_workdir
@@ -39,10 +40,15 @@ class Options:
   num_samples: int = 10_000
   batch_size: Optional[int] = None
   seed: int = 0
-  sampler: str = "ddim"
-  steps: int = 50
-  guidance: float = 3.0
-  eta: float = 0.0
+  # Per stage (ldm_jax.stage_settings): a value, a list / comma string with one per stage,
+  # or None for each stage's own config.<stage>.sample.
+  sampler: Any = None
+  steps: Any = None
+  guidance: Any = None
+  eta: Any = None
+  thresholding: Any = None
+  aug_level: Any = None
+  sr_images: int = 500                 # cascades: images of the SR-vs-bicubic check (0: skip)
   step: Optional[int] = None           # the last stage's checkpoint (None: the newest)
   inception: Optional[str] = None      # FID weights (.npz from ldm_jax.convert.inception, .pth)
   inception_batch: int = 50
@@ -57,8 +63,14 @@ class Options:
   cache_dir: Optional[str] = None
   data_dir: Optional[str] = None
 
+  def per_stage(self) -> dict:
+    return stage_settings.parse_all(**{k: getattr(self, k) for k in stage_settings.PARSERS})
+
   def check(self) -> None:
-    positive = ("num_samples", "steps", "inception_batch", "judge_epochs", "kid_subsets")
+    self.per_stage()  # one line for a bad per-stage value
+    if self.sr_images < 0:
+      raise UserError(f"--sr_images={self.sr_images} must be 0 (skip) or positive")
+    positive = ("num_samples", "inception_batch", "judge_epochs", "kid_subsets")
     for name in positive:
       if getattr(self, name) < 1:
         raise UserError(f"--{name}={getattr(self, name)} must be at least 1")
@@ -71,9 +83,6 @@ class Options:
         raise UserError(f"--{name}={getattr(self, name)} must be 0 (all) or positive")
     if self.kid_subset_size < 2:
       raise UserError(f"--kid_subset_size={self.kid_subset_size} must be at least 2")
-    if not np.isfinite(self.guidance) or not np.isfinite(self.eta) or self.eta < 0:
-      raise UserError(f"--guidance={self.guidance} and --eta={self.eta} must be finite "
-                      "(eta >= 0)")
     if not 0 <= self.seed < 2**32:
       raise UserError(f"--seed={self.seed} must be in [0, 2^32)")
 
@@ -127,10 +136,10 @@ def draw_samples(workdir: str, pipe, opts: Options, step: int, log) -> tuple:
   """(uint8 images, labels or None, seconds, batch size) of the evaluation's samples."""
   batch = opts.batch_size or sb.default_batch_size(pipe, opts.num_samples)
   plan = sb.BatchPlan(opts.num_samples, batch, opts.seed)
-  kwargs = dict(sampler=opts.sampler, steps=opts.steps, guidance=opts.guidance, eta=opts.eta)
+  kwargs = stage_settings.sample_kwargs(pipe, opts.per_stage())
   progress = sb.BatchProgress(what="sampling")
   log(f"drawing {opts.num_samples} samples ({plan.num_batches} batches of {batch}, "
-      f"{opts.sampler}-{opts.steps}, guidance {opts.guidance}) ...")
+      f"{kwargs['sampler']}-{kwargs['steps']}, guidance {kwargs['guidance']}) ...")
   start = time.time()
   if opts.save_samples:
     path = os.path.join(workdir, f"eval_{step}_samples.npz")
@@ -141,7 +150,7 @@ def draw_samples(workdir: str, pipe, opts: Options, step: int, log) -> tuple:
     parts = list(sb.sample_batches(pipe, plan, batch_progress=progress, **kwargs))
     images = np.concatenate([p[1] for p in parts])
     labels = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
-  return images, labels, time.time() - start, batch
+  return images, labels, time.time() - start, batch, kwargs
 
 
 def _reconstructions(pipe, test_x: np.ndarray, batch: int = 250) -> np.ndarray:
@@ -170,6 +179,31 @@ def _psnr_ssim(x: np.ndarray, y: np.ndarray, batch: int = 500) -> tuple[float, f
   return float(np.concatenate(psnr).mean()), float(np.concatenate(ssim).mean())
 
 
+def _super_resolution(pipe, sample_kw: dict, judge: classifier.Judge, opts: Options,
+                      log) -> dict:
+  """Each super-resolution stage of a cascade on the real downsampled test images against
+  bicubic upsampling (PSNR, class accuracy with the judge), with the stage's settings of this
+  evaluation (`sample_kw`: per-stage lists)."""
+  n = min(opts.sr_images, len(judge.test_images))
+  images, labels = judge.test_images[:n], judge.test_labels[:n]
+  out = {}
+  for i, stage in enumerate(pipe.stages[1:], start=1):
+    kw = {k: v[i] for k, v in sample_kw.items()}
+
+    def upsample(low, lab, stage=stage, kw=kw):
+      cond = {"labels": lab} if stage.model.cond_kind == "class" else {}
+      return stage.sample(len(low), seed=opts.seed, lowres=low, as_uint8=False, **kw, **cond)
+
+    r = super_resolution.sr_vs_bicubic(upsample, images, labels, stage.latent_shape[0],
+                                       pipe.stages[i - 1].latent_shape[0],
+                                       batch_size=min(250, n), predict=judge.predict,
+                                       judge_resolution=judge.test_images.shape[1])
+    r["settings"] = stage_settings.recorded(stage, kw)
+    log(f"{stage.name}: {super_resolution.describe(r)}")
+    out[stage.name] = r
+  return out
+
+
 def evaluate(workdir: str, opts: Options, log: Callable[[str], None] = print) -> dict:
   """Runs every metric that applies to the workdir; writes and returns eval_<step>.json."""
   opts.check()
@@ -188,15 +222,15 @@ def evaluate(workdir: str, opts: Options, log: Callable[[str], None] = print) ->
   progress = lambda what: sb.BatchProgress(what=what)  # noqa: E731
   t0 = time.time()
   pipe = from_workdir(workdir, step)
-  images, labels, sample_s, batch = draw_samples(workdir, pipe, opts, step, log)
+  images, labels, sample_s, batch, sample_kw = draw_samples(workdir, pipe, opts, step, log)
+  used = stage_settings.recorded(pipe, sample_kw)
   log(f"sampled {len(images)} images in {sample_s:.0f} s; loading the test split ...")
   judge, judge_reused = _judge(data_cfg, opts, log)
   test_x = judge.test_images
   samples_f = to_float(images)
   result = {
       "workdir": os.path.abspath(workdir), "kind": kind, "stage": stages[-1], "step": step,
-      "num_samples": int(len(images)), "seed": opts.seed, "sampler": opts.sampler,
-      "steps": opts.steps, "guidance": opts.guidance, "eta": opts.eta, "batch_size": batch,
+      "num_samples": int(len(images)), "seed": opts.seed, **used, "batch_size": batch,
       "labels": "balanced (index % classes)" if labels is not None else None,
       "reference": {"split": data_cfg.eval_split, "num_images": int(len(test_x))},
   }
@@ -235,6 +269,8 @@ def evaluate(workdir: str, opts: Options, log: Callable[[str], None] = print) ->
       ref, _ = _inception_reference(features, data_cfg, test_x, opts, progress)
       ae["rfid"] = metrics.frechet_distance(features(to_uint8(recon)), ref)
     result["autoencoder"] = ae
+  if opts.sr_images and getattr(pipe, "stages", None):
+    result["super_resolution"] = _super_resolution(pipe, sample_kw, judge, opts, log)
   result["seconds"] = {"sampling": sample_s, "total": time.time() - t0}
   result["machine"] = {"backend": jax.default_backend(), "devices": jax.device_count()}
   path = os.path.join(workdir, f"eval_{step}.json")

@@ -6,6 +6,7 @@ from typing import Callable, Optional
 import ml_collections
 
 from ldm_jax.config_schema import AUTOENCODER, CODECS
+from ldm_jax.diffusion.thresholding import Thresholding
 from ldm_jax.errors import UserError
 
 _CHOICES = {
@@ -67,6 +68,7 @@ _STAGE_CHOICES = {
     "train.compute_dtype": ("float32", "bfloat16"),
     "optim.decay": ("constant", "cosine"),
     "sample.sampler": ("ddpm", "ddim", "dpmpp_2m"),
+    "sample.thresholding": ("none", "static", "dynamic"),
 }
 
 
@@ -99,6 +101,11 @@ def _check_stage(config, name: str, before: list) -> None:
   if k < 1 or block.train.batch_size % k:
     raise UserError(f"config.{name}.train.grad_accum_steps={k} must be a positive divisor of "
                     f"config.{name}.train.batch_size={block.train.batch_size}")
+  try:
+    Thresholding(block.sample.thresholding, float(block.sample.dynamic_ratio),
+                 float(block.sample.sample_max_value))
+  except ValueError as e:
+    raise UserError(f"config.{name}: {e}") from e
   if not 0.0 <= block.conditioning.drop_prob < 1.0:
     raise UserError(f"config.{name}.conditioning.drop_prob={block.conditioning.drop_prob} "
                     "must be in [0, 1)")
@@ -159,9 +166,11 @@ _RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
                                          "log_every", "eval_every", "eval_batch_size",
                                          "keep_checkpoints", "progress_every_secs")},
     **{f"train.{k}": _NONNEGATIVE for k in ("eval_max_examples", "num_eval_images",
+                                            "sr_eval_images",
                                             "latent_cache_max_gib")},
     "train.grad_accum_steps": _POSITIVE,
     "sample.steps": _POSITIVE, "sample.num_samples": _POSITIVE, "sample.eta": _NONNEGATIVE,
+    "sample.sample_max_value": _NONNEGATIVE, "sample.guidance": _NONNEGATIVE,
     **{f"data.{k}": _POSITIVE for k in ("image_size", "channels", "num_threads", "prefetch")},
     "data.num_workers": _NONNEGATIVE,
     **{f"unet.{k}": _POSITIVE for k in ("model_channels", "num_res_blocks", "num_groups",

@@ -54,6 +54,9 @@ def _report(stage: str, workdir: str) -> None:
   if "test_psnr" in s:
     parts.append(f"test PSNR {s['test_psnr']:.2f} dB, SSIM {s.get('test_ssim', float('nan')):.3f}"
                  f" on {s.get('test_examples', '?')} held-out images")
+  if "sr_psnr" in s:
+    parts.append(f"SR {s['sr_psnr']:.2f} dB vs bicubic {s['bicubic_psnr']:.2f} dB on "
+                 f"{s.get('sr_eval_images', '?')} held-out images")
   if "final_loss" in s:
     parts.append(f"final loss {s['final_loss']:.4g}")
   if s.get("sample_grid"):

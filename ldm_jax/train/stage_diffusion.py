@@ -14,7 +14,10 @@ from ldm_jax import workdir as workdir_lib
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.evaluation import images as image_io
 from ldm_jax.models.conditioning import CAPTION_TEMPLATES, Tokenizer, fashion_mnist_captions
-from ldm_jax.pipeline import DiffusionPipeline, load_stages
+from ldm_jax.evaluation import classifier as classifier_lib
+from ldm_jax.evaluation import super_resolution
+from ldm_jax.pipeline import (PER_STAGE_SETTINGS, DiffusionPipeline, load_stages,
+                              stage_thresholding)
 from ldm_jax.errors import UserError
 from ldm_jax.train import latent_cache, stage_autoencoder
 from ldm_jax.train.diffusion import DiffusionTask
@@ -112,6 +115,28 @@ def _lower_stages(config, stage: str, workdir: str):
   return load_stages(config, workdir, below)
 
 
+def cond_is_class_or_none(block) -> bool:
+  return block.conditioning.kind in ("class", "none")
+
+
+def super_resolution_check(pipe: DiffusionPipeline, config, low_res: int, n: int) -> dict:
+  """The stage against bicubic upsampling on the first `n` held-out images, sampled with the
+  stage's own settings (summary keys sr_psnr, bicubic_psnr, sr_eval_images)."""
+  images, labels = classifier_lib.test_split(config.data, n)
+  settings = dict(pipe.sample_defaults)
+
+  def upsample(low, lab):
+    kw = {"labels": lab} if pipe.model.cond_kind == "class" else {}
+    return pipe.sample(len(low), seed=config.seed + 2, lowres=low, as_uint8=False,
+                       **settings, **kw)
+
+  r = super_resolution.sr_vs_bicubic(upsample, images, labels, pipe.latent_shape[0], low_res,
+                                     batch_size=min(250, n))
+  logging.info("%s: %s", pipe.name, super_resolution.describe(r))
+  return {"sr_psnr": r["psnr_sr"], "bicubic_psnr": r["psnr_bicubic"],
+          "sr_eval_images": r["num_images"]}
+
+
 def run_diffusion(config: ml_collections.ConfigDict, stage: str, workdir: str, mesh) -> None:
   """Trains diffusion stage `stage` (config[stage]) to its num_steps, resuming; its summary
   goes into summary.json."""
@@ -178,16 +203,21 @@ def run_diffusion(config: ml_collections.ConfigDict, stage: str, workdir: str, m
   lower = _lower_stages(config, stage, workdir)
   grids = []
 
-  def on_eval(state, step, writer):
+  def stage_pipeline(state) -> DiffusionPipeline:
     pipe = DiffusionPipeline(
         codec=codec, codec_params=codec_params, model=task.model, params=state.eval_params(),
         schedule=task.schedule, parameterization=block.diffusion.parameterization,
-        class_names=class_names, sample_aug_level=block.lowres.sample_aug_level, name=stage)
+        class_names=class_names, sample_aug_level=block.lowres.sample_aug_level, name=stage,
+        thresholding=stage_thresholding(block))
+    pipe.sample_defaults = {k: block.sample[k] for k in pipe.sample_defaults}
+    return pipe
+
+  def on_eval(state, step, writer):
+    pipe = stage_pipeline(state)
     s = block.sample
     n, ncols, row_labels = s.num_samples, int(np.ceil(np.sqrt(s.num_samples))), None
     prompt = sample_prompts(captions, n) if text else None
-    kwargs = dict(sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta,
-                  prompt=prompt)
+    kwargs = dict(pipe.sample_defaults, prompt=prompt)
     if block.conditioning.kind == "class" and 0 < num_classes <= n:
       # One row per class, labelled with its name.
       ncols = n // num_classes
@@ -195,7 +225,8 @@ def run_diffusion(config: ml_collections.ConfigDict, stage: str, workdir: str, m
       kwargs["labels"] = np.repeat(np.arange(num_classes), ncols)
       row_labels = class_names
     if lower is not None:
-      low = lower.sample(n, seed=config.seed, as_uint8=False, **kwargs)
+      low = lower.sample(n, seed=config.seed, as_uint8=False, **{
+          k: v for k, v in kwargs.items() if k not in PER_STAGE_SETTINGS})
       images = pipe.sample(n, seed=config.seed + 1, lowres=low, **kwargs)
     else:
       images = pipe.sample(n, seed=config.seed, **kwargs)
@@ -211,7 +242,11 @@ def run_diffusion(config: ml_collections.ConfigDict, stage: str, workdir: str, m
                             stage_dir=stage_dir, mesh=mesh, batches=batches, on_eval=on_eval,
                             meta=meta, train_key=f"{stage}.train")
   if last:  # trained in this call (not only resumed at the end)
-    workdir_lib.update_summary(workdir, stage, {
+    sr = {}
+    if low_res and block.train.get("sr_eval_images", 0) > 0 and cond_is_class_or_none(block):
+      sr = super_resolution_check(stage_pipeline(state), config, low_res,
+                                  int(block.train.sr_eval_images))
+    workdir_lib.update_summary(workdir, stage, {**sr,
         "steps": int(state.step), "final_loss": last["loss"], "latent_scale": scale,
         "latent_shape": list(codec.shape), "codec": codec.kind,
         "sample_grid": grids[-1] if grids else ""})
