@@ -30,6 +30,14 @@ def load_pipeline(config, workdir: str, fraction: float):
       n: int(round(config[n].train.num_steps * fraction)) for n in names})
 
 
+def base_guidance(pipe, guidance: float):
+  """`guidance` for the base stage; a cascade's SR stages keep their own (config.<sr>.sample
+  .guidance: 1, unguided, as CDM samples its SR models)."""
+  if isinstance(pipe, CascadePipeline):
+    return [guidance] + [None] * (len(pipe.stages) - 1)
+  return guidance
+
+
 def generate(pipe, labels: np.ndarray, args, seed: int = 0) -> tuple:
   """Float images in [-1, 1] for `labels`, in batches; (images, seconds per image)."""
   out, start = [], time.perf_counter()
@@ -37,8 +45,9 @@ def generate(pipe, labels: np.ndarray, args, seed: int = 0) -> tuple:
     part = labels[i:i + args.batch]
     if len(part) < args.batch:  # one batch shape: one compiled sampler
       part = np.concatenate([part, np.zeros(args.batch - len(part), part.dtype)])
-    images = pipe.sample(args.batch, sampler="ddim", steps=args.steps, guidance=args.guidance,
-                         seed=seed + i, labels=part, as_uint8=False)
+    images = pipe.sample(args.batch, sampler="ddim", steps=args.steps,
+                         guidance=base_guidance(pipe, args.guidance), seed=seed + i,
+                         labels=part, as_uint8=False)
     out.append(np.asarray(images)[:len(labels[i:i + args.batch])])
   return np.concatenate(out), (time.perf_counter() - start) / len(labels)
 
@@ -141,7 +150,8 @@ def error_propagation(pipe: CascadePipeline, judge, args, levels) -> dict:
   corrupted = {k: corrupt(base, k, rng) for k in ("blotch", "noise")}
   size = base.shape[1]
   results, shown = {}, {}
-  kw = dict(sampler="ddim", steps=args.steps, guidance=args.guidance, seed=11)
+  kw = dict(sampler="ddim", steps=args.steps, guidance=base_guidance(pipe, args.guidance),
+            seed=11)
   for level in levels:
     clean = pipe.sample(n, labels=labels, base_images=base, aug_level=level, as_uint8=False,
                         stage_outputs=True, **kw)

@@ -52,6 +52,13 @@ def test_split(data_cfg, max_images: int = 0) -> tuple[np.ndarray, np.ndarray]:
                  data_cfg.channels, max_images)
 
 
+def train_split(data_cfg, max_images: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(images, labels) of the training split, as `test_split` (the real-data reference of a
+  Frechet distance: as many training images as there are samples)."""
+  return _images(data_lib.make_source(data_cfg, data_cfg.train_split), data_cfg.image_size,
+                 data_cfg.channels, max_images)
+
+
 def train_classifier(data_cfg, *, epochs: int = 2, batch_size: int = 128, seed: int = 0):
   """Returns (predict_fn(images [-1,1] NHWC) -> labels, test accuracy)."""
   judge = train_judge(data_cfg, epochs=epochs, batch_size=batch_size, seed=seed)

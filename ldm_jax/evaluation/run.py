@@ -102,7 +102,7 @@ def last_step(workdir: str, stage: str) -> int:
   return int(max(steps))
 
 
-def _judge(data_cfg, opts: Options, log) -> tuple[classifier.Judge, bool]:
+def cached_judge(data_cfg, opts: Options, log) -> tuple[classifier.Judge, bool]:
   """The classifier of this data set, trained once per cache folder."""
   ident = cache.data_identity(data_cfg)
   name = "judge_" + cache.key(data=ident, epochs=opts.judge_epochs, seed=opts.judge_seed,
@@ -225,7 +225,7 @@ def evaluate(workdir: str, opts: Options, log: Callable[[str], None] = print) ->
   images, labels, sample_s, batch, sample_kw = draw_samples(workdir, pipe, opts, step, log)
   used = stage_settings.recorded(pipe, sample_kw)
   log(f"sampled {len(images)} images in {sample_s:.0f} s; loading the test split ...")
-  judge, judge_reused = _judge(data_cfg, opts, log)
+  judge, judge_reused = cached_judge(data_cfg, opts, log)
   test_x = judge.test_images
   samples_f = to_float(images)
   result = {
