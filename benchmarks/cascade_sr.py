@@ -50,6 +50,8 @@ def sr_table(pipe: CascadePipeline, judge, args) -> list:
     for rule in args.thresholding.split(","):
       for level in floats(args.aug_levels):
         kw = dict(stage.sample_defaults, aug_level=level, thresholding=rule)
+        if args.steps:
+          kw["steps"] = args.steps[i]
 
         def up(lr, lab, stage=stage, kw=kw):
           return stage.sample(len(lr), seed=0, lowres=lr, labels=lab, as_uint8=False, **kw)
@@ -68,24 +70,33 @@ def sr_table(pipe: CascadePipeline, judge, args) -> list:
 
 def cascade_table(pipe: CascadePipeline, judge, test_feats, args) -> list:
   labels = np.repeat(np.arange(10), args.samples_per_class).astype(np.int32)
-  rows = []
   n_sr = len(pipe.stages) - 1
-  for g in floats(args.base_guidance):
-    for level in floats(args.cascade_aug_levels):
-      out, t0 = [], time.perf_counter()
-      for j in range(0, len(labels), args.batch):
-        part = labels[j:j + args.batch]
-        out.append(np.asarray(pipe.sample(len(part), seed=j, labels=part, as_uint8=False,
-                                          guidance=[g] + [None] * n_sr,
-                                          aug_level=[level] * n_sr, steps=args.steps)))
-      images = np.concatenate(out)
-      r = {"base_guidance": g, "aug_level": level, "num_samples": int(len(images)),
-           "class_accuracy": float((judge.predict(images) == labels).mean()),
-           "frechet_distance": frechet_distance(judge.features(images), test_feats),
-           "saturated": float(np.mean(np.abs(images) > 0.999)),
-           "sec_per_image": (time.perf_counter() - t0) / len(images)}
-      log(f"cascade g={g:g} aug={level:g}: {r}")
-      rows.append(r)
+  grid = ([tuple(float(v) for v in pair.split(":")) for pair in args.settings.split(";")]
+          if args.settings else [(g, a) for g in floats(args.base_guidance)
+                                 for a in floats(args.cascade_aug_levels)])
+  rows = []
+  for g, level in grid:  # one row per (base guidance, SR augmentation level)
+    out, t0 = [], time.perf_counter()
+    for j in range(0, len(labels), args.batch):
+      part = labels[j:j + args.batch]
+      out.append(np.asarray(pipe.sample(len(part), seed=j, labels=part, as_uint8=False,
+                                        guidance=[g] + [None] * n_sr,
+                                        aug_level=[level] * n_sr, steps=args.steps)))
+    images = np.concatenate(out)
+    r = {"base_guidance": g, "aug_level": level, "num_samples": int(len(images)),
+         "steps": args.steps, "class_accuracy": float((judge.predict(images) == labels).mean()),
+         "frechet_distance": frechet_distance(judge.features(images), test_feats),
+         "saturated": float(np.mean(np.abs(images) > 0.999)),
+         "sec_per_image": (time.perf_counter() - t0) / len(images)}
+    log(f"cascade g={g:g} aug={level:g}: {r}")
+    rows.append(r)
+    if args.grid_out:
+      from ldm_jax.evaluation import images as image_io  # pylint: disable=g-import-not-at-top
+      order = np.argsort(labels, kind="stable")
+      keep = np.concatenate([order[labels[order] == c][:8] for c in range(10)])
+      grid_img = image_io.make_grid(image_io.to_uint8(images[keep]), ncols=8,
+                                    min_width=8 * 96, row_labels=pipe.class_names or None)
+      image_io.save_png(f"{args.grid_out}_g{g:g}_aug{level:g}.png", grid_img)
   return rows
 
 
@@ -99,8 +110,12 @@ def main():
   p.add_argument("--samples_per_class", type=int, default=100)
   p.add_argument("--base_guidance", default="1,3")
   p.add_argument("--cascade_aug_levels", default="0.05,0.1")
+  p.add_argument("--settings", default="", help="instead of the guidance x aug grid: "
+                 "'g:aug;g:aug', e.g. '3:0.05;3:0.1;1:0.05'")
   p.add_argument("--steps", default=None, help="per-stage steps, e.g. 50,20,20")
   p.add_argument("--batch", type=int, default=250)
+  p.add_argument("--grid_out", default="", help="path prefix of an 8-per-class sample grid "
+                 "per cascade setting")
   args = p.parse_args()
   if args.steps:
     args.steps = [int(s) for s in args.steps.split(",")]

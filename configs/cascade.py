@@ -26,11 +26,12 @@ def sr_stage(resolution: int, lower: str) -> ml_collections.ConfigDict:
   noise whatever the conditioning says, and short-trained SR stages diverged into noise and
   lost to bicubic upsampling (docs/COMPARISON.md); with v, x_0^ = alpha x_t - sigma v^ and the
   error is never amplified. No guidance at sampling by default (CDM's SR models use none):
-  the low-resolution image already carries the class."""
+  the low-resolution image already carries the class; DDIM-20 (sr16 on real inputs: 22.2 dB
+  at 20 steps, 21.7 at 50)."""
   s = pixel_configs.pixel_stage(resolution)
   s.diffusion.update(parameterization="v")
   s.lowres.update(stage=lower, aug_max=0.5, sample_aug_level=0.1)
-  s.sample.update(guidance=1.0)
+  s.sample.update(guidance=1.0, steps=20)
   return s
 
 

@@ -74,8 +74,9 @@ def diffusion_stage() -> ml_collections.ConfigDict:
       # the autoencoder, the data or its preprocessing change (ldm_jax/train/latent_cache.py).
       cache_latents=True, latent_cache_max_gib=4.0,
       # A super-resolution stage: at the end of training, sample this many held-out images
-      # from their real downsampled versions and report PSNR against bicubic upsampling
-      # (summary.json sr_psnr / bicubic_psnr, the stage's result line; 0 = skip).
+      # from their real downsampled versions (the stage's sampling settings, augmentation
+      # level 0) and report PSNR against bicubic upsampling (summary.json sr_psnr /
+      # bicubic_psnr, the stage's result line; 0 = skip).
       sr_eval_images=500))
   # The stage's own sampling settings (sample.py / evaluate / a cascade use them per stage
   # unless given): thresholding of the predicted x_0 at every step ('none', 'static': clip

@@ -367,3 +367,22 @@ def test_cascade_stage_settings_per_stage_and_defaults(cascade_workdir):
       stage_settings.parse(bad, "x")
   with pytest.raises(UserError, match="aug_level"):
     stage_settings.parse("aug_level", "1.5")
+
+
+def test_evaluate_cascade_reports_each_sr_stage_against_bicubic(cascade_workdir, tmp_path):
+  from ldm_jax.evaluation import run
+  opts = run.Options(num_samples=10, batch_size=10, steps="2,2,2", guidance="2,1,1",
+                     thresholding="static,none,static", sr_images=12, max_test_images=30,
+                     judge_epochs=1, judge_train_images=256, cache_dir=str(tmp_path / "c"))
+  result = run.evaluate(str(cascade_workdir), opts, log=lambda m: None)
+  assert result["steps"] == [2, 2, 2] and result["guidance"] == [2.0, 1.0, 1.0]
+  assert result["thresholding"] == ["static (clip to +-1)", "none", "static (clip to +-1)"]
+  sr = result["super_resolution"]
+  assert sorted(sr) == ["sr16", "sr32"]
+  for name, r in sr.items():
+    assert r["num_images"] == 12 and np.isfinite(r["psnr_sr"]) and r["psnr_bicubic"] > 5
+    assert 0 <= r["accuracy_sr"] <= 1 and 0 <= r["accuracy_real"] <= 1
+    assert r["settings"]["aug_level"] == 0.0 and r["settings"]["steps"] == 2
+  assert sr["sr16"]["settings"]["thresholding"] == "none"
+  saved = json.loads(open(result["path"], encoding="utf-8").read())
+  assert saved["super_resolution"]["sr32"]["psnr_sr"] == sr["sr32"]["psnr_sr"]

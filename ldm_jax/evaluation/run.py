@@ -183,12 +183,14 @@ def _super_resolution(pipe, sample_kw: dict, judge: classifier.Judge, opts: Opti
                       log) -> dict:
   """Each super-resolution stage of a cascade on the real downsampled test images against
   bicubic upsampling (PSNR, class accuracy with the judge), with the stage's settings of this
-  evaluation (`sample_kw`: per-stage lists)."""
+  evaluation (`sample_kw`: per-stage lists) at augmentation level 0."""
   n = min(opts.sr_images, len(judge.test_images))
   images, labels = judge.test_images[:n], judge.test_labels[:n]
   out = {}
   for i, stage in enumerate(pipe.stages[1:], start=1):
-    kw = {k: v[i] for k, v in sample_kw.items()}
+    # The run's settings at augmentation level 0, as the trainer's check: a real downsampled
+    # image has no base-stage artifacts for the augmentation to hide.
+    kw = {**{k: v[i] for k, v in sample_kw.items()}, "aug_level": 0.0}
 
     def upsample(low, lab, stage=stage, kw=kw):
       cond = {"labels": lab} if stage.model.cond_kind == "class" else {}
