@@ -66,6 +66,10 @@ def system_config(system: str, preset: str, data_dir: str):
   config = workdir_lib.migrate(module.get_config(preset))
   if data_dir:
     config.data.data_dir = data_dir
+  if preset == "smoke":  # the command's check run: no end-of-training SR-vs-bicubic pass
+    for stage in config.stages:
+      if stage in config and "lowres" in config[stage]:
+        config[stage].train.sr_eval_images = 0
   return config
 
 
