@@ -65,6 +65,11 @@ def stage_thresholding(block: ml_collections.ConfigDict):
     raise UserError(f"config.<stage>.sample: {e}") from e
 
 
+def stage_sample_defaults(block: ml_collections.ConfigDict) -> dict:
+  """config.<stage>.sample's sampler, steps, guidance and eta."""
+  return {k: block.sample[k] for k in ("sampler", "steps", "guidance", "eta")}
+
+
 def from_workdir(workdir: str, step: Optional[int] = None):
   """The pipeline of any trained or converted workdir: a DiffusionPipeline for an LDM or a
   pixel-space model, a CascadePipeline for a cascade. `step` picks the last stage's
@@ -95,7 +100,8 @@ class DiffusionPipeline:
                schedule: diffusion.DiffusionSchedule, parameterization: str = "eps",
                class_names: Sequence[str] = (), sampler_options: Optional[dict] = None,
                sample_aug_level: float = 0.0, name: str = "ldm",
-               thresholding: Optional[thresholding_lib.Thresholding] = None):
+               thresholding: Optional[thresholding_lib.Thresholding] = None,
+               sample_defaults: Optional[dict] = None):
     """`sampler_options`: SCHEDULER_OPTIONS values applied to every sampler (None: each
     sampler's defaults: DDIM leading + steps_offset 1, DDPM leading, DPM-Solver++ linspace).
     `sample_aug_level`: a super-resolution stage's default augmentation level (a fraction of
@@ -114,7 +120,8 @@ class DiffusionPipeline:
     self.thresholding = thresholding
     # The stage's own sampler, steps, guidance and eta (config.<stage>.sample), used by a
     # cascade for the stages a call gives no value for.
-    self.sample_defaults = dict(sampler="ddim", steps=50, guidance=1.0, eta=0.0)
+    self.sample_defaults = {**dict(sampler="ddim", steps=50, guidance=1.0, eta=0.0),
+                            **(sample_defaults or {})}
     self.checkpoint_step: Optional[int] = None  # set when loaded from a workdir
     self._compiled, self._encode = {}, None
 
@@ -128,8 +135,8 @@ class DiffusionPipeline:
                class_names=parts.meta.get("class_names", ()),
                sampler_options=scheduler_options(config, parts.name),
                sample_aug_level=float(block.lowres.sample_aug_level), name=parts.name,
-               thresholding=stage_thresholding(block))
-    pipe.sample_defaults = {k: block.sample[k] for k in pipe.sample_defaults}
+               thresholding=stage_thresholding(block),
+               sample_defaults=stage_sample_defaults(block))
     pipe.checkpoint_step = parts.step
     return pipe
 

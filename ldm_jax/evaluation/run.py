@@ -188,18 +188,11 @@ def _super_resolution(pipe, sample_kw: dict, judge: classifier.Judge, opts: Opti
   images, labels = judge.test_images[:n], judge.test_labels[:n]
   out = {}
   for i, stage in enumerate(pipe.stages[1:], start=1):
-    # The run's settings at augmentation level 0, as the trainer's check: a real downsampled
-    # image has no base-stage artifacts for the augmentation to hide.
     kw = {**{k: v[i] for k, v in sample_kw.items()}, "aug_level": 0.0}
-
-    def upsample(low, lab, stage=stage, kw=kw):
-      cond = {"labels": lab} if stage.model.cond_kind == "class" else {}
-      return stage.sample(len(low), seed=opts.seed, lowres=low, as_uint8=False, **kw, **cond)
-
-    r = super_resolution.sr_vs_bicubic(upsample, images, labels, stage.latent_shape[0],
-                                       pipe.stages[i - 1].latent_shape[0],
-                                       batch_size=min(250, n), predict=judge.predict,
-                                       judge_resolution=judge.test_images.shape[1])
+    r = super_resolution.stage_vs_bicubic(stage, images, labels,
+                                          pipe.stages[i - 1].latent_shape[0], settings=kw,
+                                          seed=opts.seed, predict=judge.predict,
+                                          judge_resolution=judge.test_images.shape[1])
     r["settings"] = stage_settings.recorded(stage, kw)
     log(f"{stage.name}: {super_resolution.describe(r)}")
     out[stage.name] = r

@@ -70,6 +70,24 @@ def sr_vs_bicubic(upsample: Callable[[np.ndarray, np.ndarray], np.ndarray], imag
   return out
 
 
+def stage_vs_bicubic(stage, images: np.ndarray, labels: np.ndarray, low_resolution: int, *,
+                     settings: dict, seed: int = 0, batch_size: int = 250,
+                     predict: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                     judge_resolution: int = 0) -> dict:
+  """`sr_vs_bicubic` of a super-resolution stage (a DiffusionPipeline) sampled with
+  `settings` (its sample keywords) at augmentation level 0: a real downsampled image has none
+  of the base-stage artifacts that sampling augmentation is there to hide."""
+  kw = {**settings, "aug_level": 0.0}
+
+  def upsample(low, lab):
+    cond = {"labels": lab} if stage.model.cond_kind == "class" else {}
+    return stage.sample(len(low), seed=seed, lowres=low, as_uint8=False, **kw, **cond)
+
+  return sr_vs_bicubic(upsample, images, labels, stage.latent_shape[0], low_resolution,
+                       batch_size=min(batch_size, len(images)), predict=predict,
+                       judge_resolution=judge_resolution)
+
+
 def describe(result: dict) -> str:
   """One line: the stage's PSNR against bicubic (and accuracies when judged)."""
   line = (f"SR {result['psnr_sr']:.2f} dB vs bicubic {result['psnr_bicubic']:.2f} dB "

@@ -17,7 +17,7 @@ from ldm_jax.models.conditioning import CAPTION_TEMPLATES, Tokenizer, fashion_mn
 from ldm_jax.evaluation import classifier as classifier_lib
 from ldm_jax.evaluation import super_resolution
 from ldm_jax.pipeline import (PER_STAGE_SETTINGS, DiffusionPipeline, load_stages,
-                              stage_thresholding)
+                              stage_sample_defaults, stage_thresholding)
 from ldm_jax.errors import UserError
 from ldm_jax.train import latent_cache, stage_autoencoder
 from ldm_jax.train.diffusion import DiffusionTask
@@ -125,15 +125,8 @@ def super_resolution_check(pipe: DiffusionPipeline, config, low_res: int, n: int
   downsampled image has none of the base stage's artifacts that sampling augmentation is
   there to hide (summary keys sr_psnr, bicubic_psnr, sr_eval_images, sr_aug_level)."""
   images, labels = classifier_lib.test_split(config.data, n)
-  settings = dict(pipe.sample_defaults, aug_level=0.0)
-
-  def upsample(low, lab):
-    kw = {"labels": lab} if pipe.model.cond_kind == "class" else {}
-    return pipe.sample(len(low), seed=config.seed + 2, lowres=low, as_uint8=False,
-                       **settings, **kw)
-
-  r = super_resolution.sr_vs_bicubic(upsample, images, labels, pipe.latent_shape[0], low_res,
-                                     batch_size=min(250, n))
+  r = super_resolution.stage_vs_bicubic(pipe, images, labels, low_res,
+                                        settings=pipe.sample_defaults, seed=config.seed + 2)
   logging.info("%s: %s", pipe.name, super_resolution.describe(r))
   return {"sr_psnr": r["psnr_sr"], "bicubic_psnr": r["psnr_bicubic"],
           "sr_eval_images": r["num_images"], "sr_aug_level": 0.0}
@@ -210,8 +203,7 @@ def run_diffusion(config: ml_collections.ConfigDict, stage: str, workdir: str, m
         codec=codec, codec_params=codec_params, model=task.model, params=state.eval_params(),
         schedule=task.schedule, parameterization=block.diffusion.parameterization,
         class_names=class_names, sample_aug_level=block.lowres.sample_aug_level, name=stage,
-        thresholding=stage_thresholding(block))
-    pipe.sample_defaults = {k: block.sample[k] for k in pipe.sample_defaults}
+        thresholding=stage_thresholding(block), sample_defaults=stage_sample_defaults(block))
     return pipe
 
   def on_eval(state, step, writer):
