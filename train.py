@@ -8,6 +8,7 @@ environment: Cloud TPU, SLURM, Open MPI, Kubernetes) or with explicit
 SIGTERM to any process saves a checkpoint at the same step on all of them and exits 0.
 """
 import logging
+import os
 import sys
 
 from ldm_jax import console  # noqa: E402  (quiet TensorFlow before anything imports it)
@@ -32,6 +33,9 @@ flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds after which a silent pee
                      "dead and the other processes stop with an error.")
 flags.DEFINE_integer("initialization_timeout", 300, "Seconds to wait for all processes to "
                      "join.")
+flags.DEFINE_bool("allow_config_change", False, "Train an existing workdir with a config that "
+                  "differs from its config.json in keys that may not change on resume (the old "
+                  "file is kept as config.previous-<UTC time>.json).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -53,7 +57,7 @@ def main(argv):
           heartbeat_timeout=FLAGS.heartbeat_timeout,
           initialization_timeout=FLAGS.initialization_timeout)
     distributed.install_preemption_watch()
-    run(FLAGS.config, FLAGS.workdir)
+    run(FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
   except UserError as e:
     sys.exit(f"error: {e}")
   except distributed.Preempted as e:
@@ -62,10 +66,23 @@ def main(argv):
 
 
 def parse_flags(argv):
-  """absl's parser, with an override of a key the config lacks (`--config.train.nope=1`) as one
-  line naming it and its nearest valid keys instead of a traceback."""
+  """absl's parser, with one line instead of a traceback for a config file that does not exist,
+  an unknown preset (`configs/ldm.py:nope`, the config file's UserError listing its presets)
+  and an override of a key the config lacks (`--config.train.nope=1`, naming its nearest valid
+  keys)."""
+  for arg in argv[1:]:
+    if arg.startswith("--config="):
+      path = arg[len("--config="):].split(":", 1)[0]
+      if not os.path.isfile(path):
+        sys.exit(f"error: --config={path}: no such file")
   try:
     return FLAGS(argv)
+  except flags.IllegalFlagValueError as e:
+    from ldm_jax.errors import UserError
+    cause = _innermost(e, UserError)
+    if cause is None:
+      raise
+    sys.exit(f"error: {cause}")
   except (AttributeError, KeyError):
     from ldm_jax.train.checks import unknown_key_message
     config = FLAGS["config"].value
@@ -82,6 +99,18 @@ def parse_flags(argv):
         except (KeyError, AttributeError, TypeError):
           sys.exit(f"error: {unknown_key_message(config, dotted)}")
     raise
+
+
+def _innermost(error: BaseException, kind: type) -> BaseException | None:
+  """The first-raised exception of type `kind` in `error`'s cause / context chain (absl and
+  ml_collections re-raise a config file's error wrapped twice, the traceback in the message)."""
+  found, seen = None, set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, kind):
+      found = error
+    error = error.__cause__ or error.__context__
+  return found
 
 
 if __name__ == "__main__":

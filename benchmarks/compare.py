@@ -47,7 +47,8 @@ from ldm_jax.checkpoint import Checkpointer  # noqa: E402
 from ldm_jax.config_schema import AUTOENCODER  # noqa: E402
 from ldm_jax.evaluation.classifier import train_judge  # noqa: E402
 from ldm_jax.evaluation.metrics import frechet_distance  # noqa: E402
-from ldm_jax.train import checks, stage_autoencoder, stage_diffusion  # noqa: E402
+from ldm_jax.train import checks, lock, stage_autoencoder, stage_diffusion  # noqa: E402
+from ldm_jax.train import run as run_lib  # noqa: E402
 
 # The helpers below configure nothing themselves: they come after platform.configure().
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +90,14 @@ def train_system(config, workdir: str, times: dict, on_stage=lambda: None) -> No
   already trained keeps the time measured when it was. `on_stage()` after each stage."""
   checks.check_stages(config)
   mesh = sharding.make_mesh(config.mesh)
-  workdir_lib.write_config(config, workdir)
+  workdir = workdir_lib.ensure_writable(workdir)
+  with lock.held(workdir):
+    config = run_lib.keep_config(workdir_lib.migrate(config), workdir, allow_config_change=False)
+    workdir_lib.write_config(config, workdir)
+    _train_stages(config, workdir, mesh, times, on_stage)
+
+
+def _train_stages(config, workdir: str, mesh, times: dict, on_stage) -> None:
   for stage in config.stages:
     num_steps = config.train.num_steps if stage == AUTOENCODER else config[stage].train.num_steps
     if _final_step(workdir, stage) == num_steps and stage in times:

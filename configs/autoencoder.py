@@ -8,6 +8,7 @@
 import ml_collections
 
 from ldm_jax.data import default_data_config
+from ldm_jax.errors import UserError
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -87,6 +88,6 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.optim.update(lr=4.5e-6 * 96, disc_lr=4.5e-6 * 96, warmup_steps=0, decay="constant",
                    ema_decay=0.0)
   else:
-    raise ValueError(f"unknown preset {preset!r} for configs/autoencoder.py "
+    raise UserError(f"unknown preset {preset!r} for configs/autoencoder.py "
                      "(default, smoke, kl_f8, kl_f4)")
   return c

@@ -15,6 +15,8 @@ import sys
 
 import ml_collections
 
+from ldm_jax.errors import UserError
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pixel as pixel_configs  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -50,7 +52,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.base = pixel_configs.pixel_stage(64)
     c.sr256 = sr_stage(256, "base")
   else:
-    raise ValueError(f"unknown preset {preset!r} for configs/cascade.py "
+    raise UserError(f"unknown preset {preset!r} for configs/cascade.py "
                      "(default, smoke, imagenet64_256)")
 
   if preset == "default":

@@ -15,6 +15,7 @@ import sys
 import ml_collections
 
 from ldm_jax.config_schema import diffusion_stage
+from ldm_jax.errors import UserError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import autoencoder as autoencoder_configs  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -36,7 +37,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   elif preset == "txt2img_f8":
     c = autoencoder_configs.get_config("kl_f8")
   else:
-    raise ValueError(f"unknown preset {preset!r} for configs/ldm.py "
+    raise UserError(f"unknown preset {preset!r} for configs/ldm.py "
                      "(default, smoke, text, cin256, txt2img_f8)")
   c.stages = ("autoencoder", "ldm")
   c.ldm = ldm_block()

@@ -13,6 +13,7 @@ import ml_collections
 
 from ldm_jax.config_schema import diffusion_stage
 from ldm_jax.data import default_data_config
+from ldm_jax.errors import UserError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import autoencoder as autoencoder_configs  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -57,5 +58,5 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
                          checkpoint_every=15)
     c.pixel.sample.update(steps=5, num_samples=8)
   else:
-    raise ValueError(f"unknown preset {preset!r} for configs/pixel.py (default, smoke)")
+    raise UserError(f"unknown preset {preset!r} for configs/pixel.py (default, smoke)")
   return c

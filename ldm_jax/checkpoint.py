@@ -97,6 +97,11 @@ class Checkpointer:
       try:
         out = self._restore(abstract_state, step)
       except Exception as e:  # pylint: disable=broad-except  (recorded, reported, re-raised)
+        misfit = self.misfit(abstract_state, step)
+        if misfit:  # not damage: the config changed since the step was saved
+          raise UserError(f"checkpoint {self.directory}/{step} does not fit the config "
+                          f"({misfit}): the config changed since it was saved; train the new "
+                          "config in a new --workdir") from e
         failures.append((step, e))
         logging.warning("checkpoint %s/%d does not restore (%s); trying an older step",
                         self.directory, step, _reason(e))
@@ -109,6 +114,17 @@ class Checkpointer:
     step, err = failures[0]
     raise UserError(f"no checkpoint in {self.directory} restores (newest, step {step}: "
                     f"{_reason(err)})") from err
+
+  def misfit(self, abstract_state: Any, step: int) -> str | None:
+    """How the arrays saved at `step` differ from `abstract_state` in names or shapes (from
+    the checkpoint's metadata; None when they match or the metadata itself does not read)."""
+    path = epath.Path(os.path.join(self.directory, str(step), "state"))
+    try:
+      saved = ocp.PyTreeCheckpointHandler().metadata(path).tree
+    except Exception:  # pylint: disable=broad-except  (unreadable metadata: damage, not misfit)
+      return None
+    return tree_misfit({_dotted(p): tuple(getattr(m, "shape", ())) for p, m in _leaves(saved)},
+                       {_dotted(p): tuple(a.shape) for p, a in _leaves(abstract_state)})
 
   def _quarantine(self, steps) -> None:
     distributed.barrier("checkpoint_quarantine_read")
@@ -153,6 +169,34 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _leaves(tree):
+  return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+def _dotted(path) -> str:
+  """A jax key path as orbax names the saved array: `opt_state.1.0.mu.unet.conv_in.bias`."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+  return ".".join(parts)
+
+
+def tree_misfit(saved: dict[str, tuple], wanted: dict[str, tuple]) -> str | None:
+  """The first difference between two {array name: shape} maps, as words; None if equal."""
+  for name in sorted(set(saved) & set(wanted)):
+    if saved[name] != wanted[name]:
+      return f"{name} has shape {saved[name]} in the checkpoint, {wanted[name]} in the config"
+  missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+  if missing:
+    return f"{len(missing)} array(s) of the config are not in the checkpoint, e.g. {missing[0]}"
+  if extra:
+    return f"{len(extra)} array(s) of the checkpoint are not in the config, e.g. {extra[0]}"
+  return None
 
 
 def restore_eval_params(directory: str, step: Optional[int] = None,

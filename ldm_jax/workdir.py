@@ -97,11 +97,15 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.isfile(path):
     raise UserError(f"no trained model in {workdir!r}: looked for {path}")
-  with open(path, encoding="utf-8") as f:
-    try:
-      return migrate(ml_collections.ConfigDict(json.load(f)))
-    except json.JSONDecodeError as e:
-      raise UserError(f"{path} is not valid JSON: {e}") from e
+  try:
+    with open(path, encoding="utf-8") as f:
+      tree = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{path} is not valid JSON: {e}") from e
+  if not isinstance(tree, dict):
+    raise UserError(f"{path} is not a config: it holds a JSON {type(tree).__name__}, not an "
+                    "object")
+  return migrate(ml_collections.ConfigDict(tree))
 
 
 def _plain(v: Any):

@@ -1,20 +1,56 @@
 """Entry point of training: `run(config, workdir)` trains the config's stages in order."""
+import datetime
+import logging
 import os
+import shutil
 
+import jax
 import ml_collections
 
 from ldm_jax import console, sharding
 from ldm_jax import workdir as workdir_lib
 from ldm_jax.config_schema import AUTOENCODER
-from ldm_jax.train import checks, stage_autoencoder, stage_diffusion
+from ldm_jax.errors import UserError
+from ldm_jax.train import checks, config_change, lock, stage_autoencoder, stage_diffusion
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Validates the config, builds the mesh, then trains `config.stages` one after another
+def run(config: ml_collections.ConfigDict, workdir: str,
+        allow_config_change: bool = False) -> dict:
+  """Validates the config, takes the workdir's lock, checks the config against the one the
+  workdir was trained with, builds the mesh, then trains `config.stages` one after another
   (the autoencoder unless a latent stage takes a pretrained one), each resuming from its own
   checkpoints. Returns {stage: summary metrics}, as merged into workdir/summary.json."""
   workdir = workdir_lib.ensure_writable(workdir)
-  config = workdir_lib.migrate(config)
+  with lock.held(workdir):
+    return _run_locked(workdir_lib.migrate(config), workdir, allow_config_change)
+
+
+def keep_config(config: ml_collections.ConfigDict, workdir: str,
+                allow_config_change: bool) -> ml_collections.ConfigDict:
+  """The config to train an existing workdir with: refused (one line listing the changed keys)
+  when it differs from the stored config.json in keys outside `config_change.RESUMABLE`,
+  unless `allow_config_change`, which keeps the old file as config.previous-<UTC time>.json.
+  An unreadable config.json is refused and left untouched."""
+  path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
+  if not os.path.exists(path):
+    return config
+  stored = workdir_lib.read_config(workdir)
+  changes = config_change.changed_keys(stored, config)
+  if changes and not allow_config_change:
+    raise UserError(f"{workdir} was trained with another config ({len(changes)} changed "
+                    f"key(s): {config_change.describe(changes)}); use a new --workdir, or "
+                    "--allow_config_change to train on with the new config")
+  if changes and jax.process_index() == 0:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    kept = os.path.join(workdir, f"config.previous-{stamp}.json")
+    shutil.copyfile(path, kept)
+    logging.warning("config changed in %d key(s) (%s); the old config is kept in %s",
+                    len(changes), config_change.describe(changes), kept)
+  return config_change.keep_resolved(stored, config)
+
+
+def _run_locked(config: ml_collections.ConfigDict, workdir: str,
+                allow_config_change: bool) -> dict:
   checks.check_numbers(config)
   names = workdir_lib.diffusion_stages(config)
   pretrained = [n for n in names if config[n].autoencoder_workdir]
@@ -25,6 +61,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   if train_autoencoder:
     sharding.check_batch_size(config.train.batch_size, mesh)
+  config = keep_config(config, workdir, allow_config_change)
   workdir_lib.write_config(config, workdir)
   if train_autoencoder:
     _announce(config, AUTOENCODER, workdir)
