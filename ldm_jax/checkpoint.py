@@ -1,7 +1,9 @@
 """Orbax CheckpointManager wrapper: async, keep-N, atomic saves of a train state plus JSON
 metadata (data position, latent scale, ...), restored onto any mesh via target shardings."""
+import glob
 import logging
 import os
+import shutil
 from typing import Any, Optional
 
 import jax
@@ -10,7 +12,11 @@ from etils import epath
 from orbax.checkpoint._src.metadata import array_metadata_store
 
 from ldm_jax import distributed
-from ldm_jax.errors import UserError
+from ldm_jax.errors import UserError, is_disk_full
+
+class DiskFull(UserError):
+  """A checkpoint could not be written for lack of space; older steps are intact."""
+
 
 DAMAGED = "damaged"  # sub-directory of the checkpoint directory that holds skipped steps
 
@@ -52,6 +58,8 @@ class Checkpointer:
         enable_async_checkpointing=async_save, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "meta"))
+    self._in_flight: Optional[int] = None  # the step of the last save started
+    self._failed = False  # a save hit a full disk; the manager is closed
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -63,9 +71,43 @@ class Checkpointer:
     return self._manager.all_steps()
 
   def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
-    return self._manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      meta=ocp.args.JsonSave(meta)), force=force)
+    """Starts (async) or writes step `step`; a full disk raises DiskFull (one line)."""
+    if self._failed:
+      raise UserError(f"{self.directory}: an earlier save failed; not writing step {step}")
+    try:
+      saving = self._manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        meta=ocp.args.JsonSave(meta)), force=force)
+    except Exception as e:  # pylint: disable=broad-except  (a full disk becomes one line)
+      self._raise_if_disk_full(e, step)
+      raise
+    if saving:
+      self._in_flight = step
+    return saving
+
+  def _raise_if_disk_full(self, error: BaseException, step: int) -> None:
+    """On a full disk: lets orbax's threads end, removes the partial step directories (orbax
+    would only clean them up on the next start) and raises DiskFull naming the step that was
+    being written and the newest complete step, which is kept."""
+    if not is_disk_full(error):
+      return
+    self._failed = True
+    try:
+      self._manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_disk_full(e):  # the same failure again is expected; anything else is not
+        raise
+    partial = sorted(glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")))
+    if jax.process_index() == 0:
+      for path in partial:
+        shutil.rmtree(path)
+    written = [int(n) for n in os.listdir(self.directory) if n.isdigit()]
+    failed = [int(os.path.basename(p).split(".")[0]) for p in partial
+              if os.path.basename(p).split(".")[0].isdigit()]
+    failed_step = max(failed) if failed else (self._in_flight or step)
+    kept = f"step {max(written)} kept" if written else "no earlier checkpoint"
+    raise DiskFull(f"no space left on device while writing checkpoint {failed_step} under "
+                   f"{self.directory}; {kept}") from error
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
     """Restores step `step` onto the shardings carried by `abstract_state`
@@ -165,10 +207,22 @@ class Checkpointer:
     return out.meta
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    if self._failed:
+      return
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  (a full disk becomes one line)
+      self._raise_if_disk_full(e, self._in_flight or -1)
+      raise
 
   def close(self) -> None:
-    self._manager.close()
+    if self._failed:  # closed when the failure was handled
+      return
+    try:
+      self._manager.close()
+    except Exception as e:  # pylint: disable=broad-except  (a full disk becomes one line)
+      self._raise_if_disk_full(e, self._in_flight or -1)
+      raise
 
 
 def _leaves(tree):

@@ -98,14 +98,26 @@ def _enable_compilation_cache(path: Optional[str]) -> None:
 
 def quiet_library_logs() -> None:
   """Drops orbax's per-save INFO chatter from the absl log (warnings and errors still show),
-  so that training progress stays readable."""
+  so that training progress stays readable; once orbax reports a full disk, drops the dozens
+  of orbax and asyncio error lines that repeat it (every writer thread and pending task says
+  it again): the save's DiskFull error is reported in one line instead."""
   import logging  # pylint: disable=g-import-not-at-top
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
 
+  from ldm_jax.errors import DISK_FULL_TEXT  # pylint: disable=g-import-not-at-top
+
   class _Filter(logging.Filter):
+    disk_full = False
 
     def filter(self, record):
-      return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+      orbax = "/orbax/" in record.pathname
+      if not (orbax or record.name == "asyncio"):
+        return True
+      if record.levelno < logging.WARNING:
+        return not orbax
+      if any(text in record.getMessage() for text in DISK_FULL_TEXT):
+        self.disk_full = True
+      return not self.disk_full
 
   absl_logging.get_absl_handler().addFilter(_Filter())
 

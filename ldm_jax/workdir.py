@@ -19,6 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from ldm_jax import files
 from ldm_jax.config_schema import AUTOENCODER, diffusion_stage, lowres_block
 from ldm_jax.errors import UserError
 
@@ -50,6 +51,18 @@ def stage_dir(workdir: str, stage: str) -> str:
 
 def checkpoint_dir(workdir: str, stage: str) -> str:
   return os.path.join(workdir, stage, "checkpoints")
+
+
+def newest_checkpoints(workdir: str) -> dict[str, int]:
+  """{stage: newest complete checkpoint step} of the stages under `workdir` that have one
+  (from the directory names: orbax writes a step under a temporary name, then renames it)."""
+  out = {}
+  for stage in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []:
+    ckpts = checkpoint_dir(workdir, stage)
+    steps = [int(n) for n in os.listdir(ckpts) if n.isdigit()] if os.path.isdir(ckpts) else []
+    if steps:
+      out[stage] = max(steps)
+  return out
 
 
 def migrate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -86,10 +99,9 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+  with files.replaced(os.path.join(workdir, CONFIG_FILE)) as tmp:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -128,7 +140,6 @@ def update_summary(workdir: str, stage: str, metrics: Mapping[str, Any]) -> None
   path = os.path.join(workdir, SUMMARY_FILE)
   summary = read_summary(workdir)
   summary[stage] = {k: _plain(v) for k, v in metrics.items()}
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  with files.replaced(path) as tmp:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2, sort_keys=True)

@@ -5,6 +5,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ldm_jax import files
+
 
 def to_uint8(images) -> np.ndarray:
   """NHWC float in [-1, 1] -> NHWC uint8."""
@@ -70,6 +72,5 @@ def save_png(path: str, grid: np.ndarray) -> None:
   """Writes a HWC uint8 grid (1 or 3 channels) to `path` atomically."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-  tmp = path + ".tmp.png"
-  img.save(tmp, format="PNG")
-  os.replace(tmp, path)
+  with files.replaced(path, ".tmp.png") as tmp:
+    img.save(tmp, format="PNG")

@@ -10,7 +10,7 @@ import ml_collections
 from ldm_jax import console, sharding
 from ldm_jax import workdir as workdir_lib
 from ldm_jax.config_schema import AUTOENCODER
-from ldm_jax.errors import UserError
+from ldm_jax.errors import UserError, is_disk_full
 from ldm_jax.train import checks, config_change, lock, stage_autoencoder, stage_diffusion
 
 
@@ -21,8 +21,19 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   (the autoencoder unless a latent stage takes a pretrained one), each resuming from its own
   checkpoints. Returns {stage: summary metrics}, as merged into workdir/summary.json."""
   workdir = workdir_lib.ensure_writable(workdir)
-  with lock.held(workdir):
-    return _run_locked(workdir_lib.migrate(config), workdir, allow_config_change)
+  try:
+    with lock.held(workdir):
+      return _run_locked(workdir_lib.migrate(config), workdir, allow_config_change)
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (a full disk becomes one line)
+    if not is_disk_full(e):
+      raise
+    what = getattr(e, "filename", None) or "a file"
+    kept = ", ".join(f"{stage} step {step}" for stage, step in
+                     workdir_lib.newest_checkpoints(workdir).items()) or "none"
+    raise UserError(f"no space left on device while writing {what} under {workdir}; "
+                    f"checkpoints kept: {kept}") from e
 
 
 def keep_config(config: ml_collections.ConfigDict, workdir: str,

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 from clu import metric_writers
 
+from ldm_jax import files
 from ldm_jax.workdir import read_summary, update_summary  # noqa: F401  (re-exported)
 
 
@@ -31,8 +32,9 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._file = open(path, "a", encoding="utf-8", buffering=1)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-    self._file.write(json.dumps({"step": int(step), **{k: _plain(v) for k, v in scalars.items()}})
-                     + "\n")
+    with files.naming(self._path):
+      self._file.write(json.dumps({"step": int(step),
+                                   **{k: _plain(v) for k, v in scalars.items()}}) + "\n")
 
   def write_summaries(self, step, values, metadata=None):
     pass
@@ -79,10 +81,9 @@ def _truncate_history(path: str, resume_step: int) -> None:
       else:
         dropped += 1
   if dropped:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
+    with files.replaced(path) as tmp:
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
 
 
 def create_writer(logdir: str, resume_step: int = 0) -> metric_writers.MetricWriter:
