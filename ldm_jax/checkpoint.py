@@ -50,12 +50,19 @@ class Checkpointer:
   """Saves `{'state': pytree, 'meta': json dict}` under `directory/<step>/`."""
 
   def __init__(self, directory: str, *, keep: int = 3, save_every: int = 1000,
-               async_save: bool = True):
+               async_save: bool = True, read_only: bool = False):
+    """`read_only`: a reader beside a running trainer (sample.py, evaluate): it never creates,
+    deletes or cleans anything under `directory`, and lists only complete steps."""
     self.directory = os.path.abspath(directory)
     _register_array_handler()
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=save_every,
-        enable_async_checkpointing=async_save, create=True)
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                             save_interval_steps=0,
+                                             enable_async_checkpointing=False)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=keep, save_interval_steps=save_every,
+          enable_async_checkpointing=async_save, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "meta"))
     self._in_flight: Optional[int] = None  # the step of the last save started
@@ -262,30 +269,42 @@ def restore_eval_params(directory: str, step: Optional[int] = None,
   The tree comes from the checkpoint's own metadata, so no model or optimizer has to be built
   to restore it (the optimizer state is never read). With `step` None the newest step that
   restores is used: a damaged newer one is skipped with a warning (and left where it is:
-  reading never writes).
+  reading never writes). Beside a running trainer only complete steps are listed (orbax
+  writes a step under a temporary name and renames it when complete); a step removed by the
+  trainer's keep-N while it was being read is replaced by a fresh listing.
   """
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     raise UserError(f"no checkpoint in {directory}")
-  ckpt = Checkpointer(directory, async_save=False)
+  tried = set()
+  for _ in range(3):  # a trainer beside us may save newer steps while older ones are removed
+    steps = [s for s in (_complete_steps(directory) if step is None else [step])
+             if s not in tried]
+    if not steps:
+      break
+    for i, s in enumerate(steps):
+      tried.add(s)
+      try:
+        return _restore_eval_params(directory, s, ema_key)
+      except UserError as e:
+        last = e
+        if i < len(steps) - 1:
+          logging.warning("%s; trying an older step", e)
+  if not tried:
+    raise UserError(f"no checkpoint in {directory}")
+  raise last
+
+
+def _complete_steps(directory: str) -> list[int]:
+  ckpt = Checkpointer(directory, read_only=True)
   try:
-    steps = sorted(ckpt.all_steps(), reverse=True) if step is None else [step]
+    return sorted(ckpt.all_steps(), reverse=True)
   finally:
     ckpt.close()
-  if not steps:
-    raise UserError(f"no checkpoint in {directory}")
-  for i, s in enumerate(steps):
-    try:
-      return _restore_eval_params(directory, s, ema_key)
-    except UserError as e:
-      if i == len(steps) - 1:
-        raise
-      logging.warning("%s; trying an older step", e)
-  raise AssertionError("unreachable")
 
 
 def _restore_eval_params(directory: str, step: int, ema_key: Optional[str]):
-  ckpt = Checkpointer(directory, async_save=False)
+  ckpt = Checkpointer(directory, read_only=True)
   try:
     meta = ckpt.restore_meta(step)
   finally:
