@@ -60,9 +60,11 @@ class Checkpointer:
                                              save_interval_steps=0,
                                              enable_async_checkpointing=False)
     else:
+      # The partial step directories of a killed run are removed on start: a writer is the
+      # only one (train/lock.py), so no other save can be in flight under them.
       options = ocp.CheckpointManagerOptions(
           max_to_keep=keep, save_interval_steps=save_every,
-          enable_async_checkpointing=async_save, create=True)
+          enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "meta"))
     self._in_flight: Optional[int] = None  # the step of the last save started
