@@ -29,14 +29,29 @@ _MIN_REPLICA_SLICE_BYTES = 4 << 20
 _handler_registered = False
 
 
+class _NoOverrideWarning(logging.Filter):
+  """Drops orbax's 'Type handler registry type ... overriding' warning: replacing its jax.Array
+  handler is what `_register_array_handler` means to do (its public register_type_handler has
+  no way to say so), and the line otherwise shows in every command's output."""
+
+  def filter(self, record):
+    return not record.getMessage().startswith("Type handler registry type")
+
+
 def _register_array_handler() -> None:
   global _handler_registered
   if not _handler_registered:
-    ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(
-            min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES,
-            # As orbax's default handler: the per-array metadata files stay written.
-            array_metadata_store=array_metadata_store.Store()), override=True)
+    quiet = _NoOverrideWarning()
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(quiet)
+    try:
+      ocp.type_handlers.register_type_handler(
+          jax.Array, ocp.type_handlers.ArrayHandler(
+              min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES,
+              # As orbax's default handler: the per-array metadata files stay written.
+              array_metadata_store=array_metadata_store.Store()), override=True)
+    finally:
+      absl_logger.removeFilter(quiet)
     _handler_registered = True
 
 

@@ -241,3 +241,14 @@ def test_train_py_unknown_preset_or_config_file_is_one_line(tmp_path, config, li
                          f"--workdir={tmp_path}/run"], capture_output=True, text=True, cwd=ROOT)
   lines = [x for x in done.stderr.splitlines() if x.strip()]
   assert done.returncode == 1 and lines == [line], done.stderr
+
+
+def test_checkpoint_setup_prints_no_library_warning(tmp_path):
+  """The convert CLIs, train.py and sample.py all create a Checkpointer: orbax's 'Type handler
+  registry ... overriding' warning must not reach their output (issue 22 item 7)."""
+  code = ("from ldm_jax.checkpoint import Checkpointer\n"
+          f"Checkpointer({str(tmp_path / 'c')!r}, async_save=False).close()\n")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert done.returncode == 0, done.stderr
+  assert "overriding" not in done.stderr and "Type handler" not in done.stderr, done.stderr
