@@ -71,8 +71,10 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     _register_array_handler()
     if read_only:
-      options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
-                                             save_interval_steps=0,
+      # Not orbax's read_only option, which logs a warning on every use: a manager that is
+      # never asked to save creates, deletes and cleans nothing with these options.
+      options = ocp.CheckpointManagerOptions(create=False, max_to_keep=None,
+                                             cleanup_tmp_directories=False,
                                              enable_async_checkpointing=False)
     else:
       # The partial step directories of a killed run are removed on start: a writer is the
