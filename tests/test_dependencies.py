@@ -2,7 +2,9 @@
 setup.cfg (issue 22 item 6): imported at module level -> install_requires; imported inside a
 function (an optional feature) -> install_requires or an extra. Packages needed at run time but
 never imported by our code are listed in RUNTIME with the reason, and checked the same way.
-A fresh process on the installed packages fills the persistent compilation cache."""
+The distributions a base install brings (install_requires, transitively, from the installed
+metadata) cover every module-level import and filelock, and a fresh process fills the
+persistent compilation cache."""
 import ast
 import configparser
 import importlib.metadata
@@ -82,6 +84,38 @@ def test_every_third_party_import_is_declared():
     if dist not in base:
       problems.append(f"{dist} is needed at run time but not in {where}")
   assert not problems, "\n".join(problems)
+
+
+def _base_closure() -> set[str]:
+  """The distributions a base install (no extras) of the installed ldm_jax brings: its
+  requirements without an extra marker, and theirs, transitively (from installed metadata)."""
+  from packaging.requirements import Requirement  # pylint: disable=g-import-not-at-top
+  seen, todo = set(), ["ldm_jax"]
+  while todo:
+    name = todo.pop()
+    try:
+      requires = importlib.metadata.requires(name) or []
+    except importlib.metadata.PackageNotFoundError:
+      continue  # a marker-excluded or optional requirement not installed here
+    for line in requires:
+      req = Requirement(line)
+      if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        continue
+      dep = _name(req.name)
+      if dep not in seen:
+        seen.add(dep)
+        todo.append(dep)
+  return seen
+
+
+def test_a_base_install_brings_every_module_level_import_and_filelock():
+  base = _base_closure()
+  distributions = importlib.metadata.packages_distributions()
+  missing = sorted({f"{module} ({path})" for module, where in _imports().items()
+                    for path, top in where if top
+                    and not {_name(d) for d in distributions.get(module, [])} & base})
+  assert not missing, f"imported at module level, not in a base install: {missing}"
+  assert "filelock" in base and "jax" in base
 
 
 def test_a_fresh_process_fills_the_compilation_cache(tmp_path):
