@@ -78,7 +78,7 @@ def _final_step(workdir: str, stage: str):
   ckpt_dir = workdir_lib.checkpoint_dir(workdir, stage)
   if not os.path.isdir(ckpt_dir):
     return None
-  c = Checkpointer(ckpt_dir, async_save=False)
+  c = Checkpointer(ckpt_dir, read_only=True)
   try:
     return c.latest_step()
   finally:

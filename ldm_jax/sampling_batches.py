@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ldm_jax import files
 from ldm_jax.errors import UserError
 from ldm_jax.evaluation.images import save_png
 
@@ -238,10 +239,9 @@ def _check_manifest(folder: str, settings: Mapping[str, Any]) -> None:
                       "another output path or delete it")
     return
   os.makedirs(folder, exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(settings, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  with files.replaced(path) as tmp:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(settings, f, indent=2, sort_keys=True)
 
 
 class PngDirSink:
@@ -300,10 +300,9 @@ class NpzSink:
     return self._complete or os.path.exists(self._part(batch))
 
   def write(self, batch: int, images: np.ndarray, labels: Optional[np.ndarray]) -> None:
-    tmp = self._part(batch) + ".tmp"
-    with open(tmp, "wb") as f:
-      np.savez(f, images=images, **({} if labels is None else {"labels": labels}))
-    os.replace(tmp, self._part(batch))
+    with files.replaced(self._part(batch)) as tmp:
+      with open(tmp, "wb") as f:
+        np.savez(f, images=images, **({} if labels is None else {"labels": labels}))
 
   def finish(self) -> str:
     if self._complete:
@@ -315,11 +314,10 @@ class NpzSink:
     for p in parts:
       p.close()
     os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-    tmp = self.path + ".tmp"
-    with open(tmp, "wb") as f:
-      np.savez(f, settings=np.asarray(json.dumps(json.loads(json.dumps(self._settings)))),
-               **arrays)
-    os.replace(tmp, self.path)
+    with files.replaced(self.path) as tmp:
+      with open(tmp, "wb") as f:
+        np.savez(f, settings=np.asarray(json.dumps(json.loads(json.dumps(self._settings)))),
+                 **arrays)
     shutil.rmtree(self.parts)
     return self.path
 
@@ -364,7 +362,6 @@ def write_image(path: str, grid: np.ndarray) -> None:
     return
   from PIL import Image  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp" + ext
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp, format="JPEG",
-                                                                       quality=95)
-  os.replace(tmp, path)
+  with files.replaced(path, ".tmp" + ext) as tmp:
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp, format="JPEG",
+                                                                         quality=95)

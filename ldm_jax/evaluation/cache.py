@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 from flax import traverse_util
 
+from ldm_jax import files
 from ldm_jax.errors import UserError
 
 
@@ -51,10 +52,9 @@ def _unflatten(flat: Mapping[str, np.ndarray]) -> dict:
 
 def _write_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
+  with files.replaced(path) as tmp:
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)
 
 
 def _read_npz(path: str) -> dict:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import stage_settings
+from ldm_jax import files, stage_settings
 from ldm_jax import sampling_batches as sb
 from ldm_jax import workdir as workdir_lib
 from ldm_jax.checkpoint import Checkpointer
@@ -92,7 +92,7 @@ def last_step(workdir: str, stage: str) -> int:
   directory = workdir_lib.checkpoint_dir(workdir, stage)
   if not os.path.isdir(directory):
     raise UserError(f"no {stage} checkpoint in {workdir!r}: looked for {directory}/<step>")
-  ckpt = Checkpointer(os.path.abspath(directory), async_save=False)
+  ckpt = Checkpointer(os.path.abspath(directory), read_only=True)
   try:
     steps = ckpt.all_steps()
   finally:
@@ -269,9 +269,8 @@ def evaluate(workdir: str, opts: Options, log: Callable[[str], None] = print) ->
   result["seconds"] = {"sampling": sample_s, "total": time.time() - t0}
   result["machine"] = {"backend": jax.default_backend(), "devices": jax.device_count()}
   path = os.path.join(workdir, f"eval_{step}.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  with files.replaced(path) as tmp:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=2, sort_keys=True)
   result["path"] = path
   return result
