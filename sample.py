@@ -27,15 +27,19 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A trained workdir: LDM, pixel-space model or cascade "
                     "(train.py --config=configs/{ldm,pixel,cascade}.py), or a converted one.")
 flags.DEFINE_integer("num_samples", 16, "Number of images.")
+flags.DEFINE_integer("step", None, "Checkpoint step to sample (a cascade: of its last stage; "
+                     "default: the newest complete one).")
 # Per-stage settings: one value for every stage, or a comma list with one per stage (a
 # cascade's base first); absent: each stage's own config.<stage>.sample.
-flags.DEFINE_list("sampler", None, "Reverse-process sampler: ddpm, ddim or dpmpp_2m (default: "
-                  "the stage's sample.sampler; per stage: ddim,ddpm,ddpm).")
+flags.DEFINE_list("sampler", None, "Reverse-process sampler: ddpm, ddim, dpmpp_2m, euler or "
+                  "euler_a (default: the stage's sample.sampler; per stage: ddim,ddpm,ddpm).")
 flags.DEFINE_list("steps", None, "Sampler steps (default: the stage's sample.steps; per "
                   "stage: 50,20,20).")
 flags.DEFINE_list("guidance", None, "Classifier-free guidance scale, 1 = conditional only "
                   "(default: the stage's sample.guidance; per stage: 3,1,1).")
 flags.DEFINE_list("eta", None, "DDIM stochasticity (default: the stage's sample.eta).")
+flags.DEFINE_float("guidance_rescale", 0.0, "Guidance rescale phi in [0, 1] (Lin et al. 2023; "
+                   "diffusers' guidance_rescale, for zero-terminal-SNR models); 0: off.")
 flags.DEFINE_list("thresholding", None, "What each step does to the predicted x_0: none, "
                   "static (clip to [-1, 1]) or dynamic (Imagen) (default: the stage's "
                   "sample.thresholding: static for pixel stages, none for latents).")
@@ -95,13 +99,14 @@ def main(argv):
   from ldm_jax.sampling_batches import write_image
   from ldm_jax import stage_settings
   try:
-    pipe = LatentDiffusionPipeline.from_workdir(FLAGS.workdir)
+    pipe = LatentDiffusionPipeline.from_workdir(FLAGS.workdir, FLAGS.step)
     edit = _edit_kwargs(pipe)
     per_stage = stage_settings.sample_kwargs(pipe, _per_stage_flags())
     kwargs = dict(
         **per_stage, seed=FLAGS.seed, timestep_spacing=FLAGS.timestep_spacing,
         steps_offset=FLAGS.steps_offset,
         negative_prompt=FLAGS.negative_prompt, negative_labels=FLAGS.negative_label,
+        guidance_rescale=FLAGS.guidance_rescale,
         progress=StepProgress(_steps_run(edit, stage_settings.total_steps(per_stage))),
         **edit)
     if FLAGS.prompts_file:

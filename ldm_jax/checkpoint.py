@@ -295,6 +295,10 @@ def restore_eval_params(directory: str, step: Optional[int] = None,
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     raise UserError(f"no checkpoint in {directory}")
+  if step is not None and step not in _complete_steps(directory):
+    saved = sorted(_complete_steps(directory))
+    raise UserError(f"no checkpoint step {step} in {directory}: the saved steps are "
+                    f"{', '.join(map(str, saved)) if saved else 'none'}")
   tried = set()
   for _ in range(3):  # a trainer beside us may save newer steps while older ones are removed
     steps = [s for s in (_complete_steps(directory) if step is None else [step])

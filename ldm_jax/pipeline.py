@@ -268,7 +268,7 @@ class DiffusionPipeline:
       kwargs["spacing"] = options["timestep_spacing"]
     if options.get("steps_offset") is not None:
       kwargs["steps_offset"] = int(options["steps_offset"])
-    if sampler == "ddim" and options.get("set_alpha_to_one") is not None:
+    if sampler in ("ddim", "pndm") and options.get("set_alpha_to_one") is not None:
       kwargs["set_alpha_to_one"] = bool(options["set_alpha_to_one"])
     rule = options.get("thresholding")
     if rule is None and sampler in ("ddpm", "ddim") and options.get("clip_sample"):
@@ -278,19 +278,21 @@ class DiffusionPipeline:
       kwargs["thresholding"] = rule
       if sampler == "ddim":
         kwargs["recompute_eps"] = bool(options.get("use_clipped_model_output", False))
-    if sampler == "dpmpp_2m":  # DPMSolverMultistepScheduler's options ("DPM++ 2M Karras")
-      for key in ("use_karras_sigmas", "lower_order_final"):
-        if options.get(key) is not None:
-          kwargs[key] = bool(options[key])
-      if options.get("final_sigmas_type") is not None:
-        kwargs["final_sigmas_type"] = str(options["final_sigmas_type"])
+    # DPMSolverMultistepScheduler's options ("DPM++ 2M Karras"), EulerDiscreteScheduler's.
+    keys = {"dpmpp_2m": ("use_karras_sigmas", "lower_order_final"),
+            "euler": ("use_karras_sigmas",)}.get(sampler, ())
+    for key in keys:
+      if options.get(key) is not None:
+        kwargs[key] = bool(options[key])
+    if sampler in ("dpmpp_2m", "euler") and options.get("final_sigmas_type") is not None:
+      kwargs["final_sigmas_type"] = str(options["final_sigmas_type"])
     return kwargs
 
   def _sampler_fn(self, sampler: str, steps: int, num_samples: int, trajectory: bool,
                   progress: Optional[Callable[[int], None]], options: tuple = (),
-                  given_latents: bool = False, start_step: int = 0):
+                  given_latents: bool = False, start_step: int = 0, rescaled: bool = False):
     key = (sampler, steps, num_samples, trajectory, progress is not None, options,
-           given_latents, start_step)
+           given_latents, start_step, rescaled)
     if key in self._compiled:
       return self._compiled[key]
     if sampler not in diffusion.SAMPLERS:
@@ -305,6 +307,7 @@ class DiffusionPipeline:
     extra = self._sampler_kwargs(sampler, dict(options))
     try:  # the level of each step: image-to-image and inpainting noise the init latents to it
       _, alpha, sigma = samplers.sampler_levels(sampler, sched, steps, **extra)
+      noise_scale = samplers.initial_noise_scale(sampler, sched, steps, **extra)
     except ValueError as e:
       raise UserError(str(e)) from e
     batch = (num_samples,) + shape
@@ -312,8 +315,8 @@ class DiffusionPipeline:
     def at_level(z0, noise, i):  # the init latents at step i's level (diffusers' add_noise)
       return alpha[i] * z0 + sigma[i] * noise
 
-    def run(params, codec_params, cond, uncond, scale, eta, rng, latents, lowres, aug_level,
-            init=None):
+    def run(params, codec_params, cond, uncond, scale, rescale, eta, rng, latents, lowres,
+            aug_level, init=None):
       r_init, r_steps, r_aug = jax.random.split(rng, 3)
       x_T = (jnp.asarray(latents, jnp.float32) if given_latents else
              jax.random.normal(r_init, batch, jnp.float32))
@@ -325,6 +328,8 @@ class DiffusionPipeline:
         x_T = at_level(z0, noise, start_step)
         if mask is not None:  # the legacy inpainting blend, after step i at step i's level
           hook = lambda x, i: mask * x + (1.0 - mask) * at_level(z0, noise, i)  # noqa: E731
+      else:  # from noise: the Euler samplers start at diffusers' init_noise_sigma
+        x_T = x_T * noise_scale
       if lowres is not None:  # a super-resolution stage: both branches see the same image
         low = codecs.upsample_condition(lowres, shape[0])
         level = jnp.full((num_samples,), aug_level, jnp.int32)
@@ -336,7 +341,10 @@ class DiffusionPipeline:
                     **extra)
       if sampler == "ddim":
         kwargs["eta"] = eta
-      if set(cond) - set(LOWRES_KEYS):
+      if set(cond) - set(LOWRES_KEYS) and rescaled:
+        fn, args = diffusion.guided(model_fn, rescaled=True), (cond, uncond, scale, rescale,
+                                                               params)
+      elif set(cond) - set(LOWRES_KEYS):
         fn, args = diffusion.guided(model_fn), (cond, uncond, scale, params)
       else:
         fn, args = (lambda x, t, c, p: model_fn(x, t, c, p)), (cond, params)
@@ -363,7 +371,8 @@ class DiffusionPipeline:
              negative_prompt=None, negative_labels=None, init_image=None,
              init_latents=None, strength: Optional[float] = None, mask=None,
              use_karras_sigmas: Optional[bool] = None,
-             final_sigmas_type: Optional[str] = None, thresholding=None):
+             final_sigmas_type: Optional[str] = None, thresholding=None,
+             guidance_rescale: float = 0.0):
     """Draws `num_samples` images (NHWC uint8, or float in [-1, 1] with as_uint8=False).
 
     With trajectory=True also returns the decoded x_t after every step, [steps, N, H, W, C].
@@ -376,6 +385,9 @@ class DiffusionPipeline:
     `final_sigmas_type` ('zero', 'sigma_min') override the workdir's DPM-Solver++ settings.
     `thresholding` ('none', 'static', 'dynamic' or a `Thresholding`; None: the stage's
     config.<stage>.sample.thresholding) is applied to the predicted x_0 at every step.
+    `guidance_rescale` (phi, Lin et al. 2023; diffusers' StableDiffusionPipeline option, for
+    zero-terminal-SNR models) rescales the guided output towards the conditional one's
+    standard deviation; 0 leaves guidance as it is.
 
     `negative_prompt` (a string or one per sample; text models) / `negative_labels` (class
     models) replace the empty prompt / null label in guidance's unconditional branch.
@@ -392,6 +404,8 @@ class DiffusionPipeline:
       raise UserError(f"steps={steps} must be at least 1")
     if not np.isfinite(guidance) or not np.isfinite(eta):
       raise UserError(f"guidance={guidance} and eta={eta} must be finite")
+    if not 0.0 <= guidance_rescale <= 1.0:
+      raise UserError(f"guidance_rescale={guidance_rescale} must be in [0, 1]")
     options = dict(self.sampler_options)
     if timestep_spacing is not None:
       options["timestep_spacing"] = timestep_spacing
@@ -426,10 +440,14 @@ class DiffusionPipeline:
     uncond = self.negative_condition(num_samples, negative_labels, negative_prompt)
     init, start_step = self._init(num_samples, int(steps), init_image, init_latents, strength,
                                   mask)
+    if sampler == "pndm" and (rule is not None or mask is not None or start_step):
+      raise UserError("--sampler=pndm (PLMS) combines noise predictions: it takes no x_0 "
+                      "thresholding (--thresholding=none), inpainting or strength < 1; use ddim")
     fn = self._sampler_fn(sampler, int(steps), int(num_samples), bool(trajectory), progress,
-                          tuple(sorted(options.items())), latents is not None, start_step)
+                          tuple(sorted(options.items())), latents is not None, start_step,
+                          guidance_rescale > 0)
     out = fn(self.params, self.codec_params, cond, uncond, jnp.float32(guidance),
-             jnp.float32(eta), jax.random.key(seed) if rng is None else rng, latents, lowres,
+             jnp.float32(guidance_rescale), jnp.float32(eta), jax.random.key(seed) if rng is None else rng, latents, lowres,
              jnp.int32(self.aug_steps(aug_level) if lowres is not None else 0), init)
     convert = (lambda x: to_uint8(np.asarray(x))) if as_uint8 else np.asarray  # noqa: E731
     if trajectory:

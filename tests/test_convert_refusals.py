@@ -85,6 +85,14 @@ REFUSALS = [
     ("scheduler", SD15_SCHEDULER, dict(timestep_spacing="uniform"),
      r"timestep_spacing='uniform' is not supported"),
     ("scheduler", SD15_SCHEDULER, dict(steps_offset=1.5), r"steps_offset=1\.5 is not supported"),
+    ("scheduler", SD15_SCHEDULER, dict(_class_name="LMSDiscreteScheduler"),
+     r"_class_name='LMSDiscreteScheduler' is not supported: no ldm_jax sampler reproduces it"),
+    ("scheduler", SD15_SCHEDULER, dict(skip_prk_steps=False),
+     r"PNDMScheduler with skip_prk_steps=False is not supported"),
+    ("scheduler", dict(SD15_SCHEDULER, _class_name="EulerDiscreteScheduler"),
+     dict(interpolation_type="log_linear"), r"interpolation_type='log_linear' is not supported"),
+    ("scheduler", dict(SD15_SCHEDULER, _class_name="EulerDiscreteScheduler"),
+     dict(timestep_type="continuous"), r"timestep_type='continuous' is not supported"),
     ("scheduler", SD15_SCHEDULER, dict(disable_corrector=[0]), r"scheduler_config\.json "
      r"disable_corrector=\[0\] is an option this converter does not know"),
     # UNet2DConditionModel: the issue's time_embedding_act_fn, SDXL's added conditioning, ...
@@ -268,3 +276,63 @@ def test_karras_folder_samples_like_diffusers(tmp_path):
   gap = float(np.abs(ref_k - ref_p).max())
   print(f"max |ours - diffusers| karras/plain: {errs}; karras vs plain images: {gap:.2e}")
   assert max(errs) <= 1e-3 and gap > 10 * max(errs)
+
+
+def test_each_scheduler_class_becomes_its_own_sampler():
+  classes = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "PNDMScheduler": "pndm",
+             "DPMSolverMultistepScheduler": "dpmpp_2m", "EulerDiscreteScheduler": "euler",
+             "EulerAncestralDiscreteScheduler": "euler_a"}
+  for kind, sampler in classes.items():
+    sched = dict(SD15_SCHEDULER, _class_name=kind)
+    sd.schedule_settings(sched)  # accepted
+    assert sd.scheduler_sampler(sched) == sampler
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("kind", ["EulerDiscreteScheduler", "PNDMScheduler", "DDIMScheduler"])
+def test_scheduler_folder_samples_like_diffusers(tmp_path, kind):
+  """A folder with Euler (Karras sigmas, v-prediction, guidance rescale), SD 1.x's PNDM, or DDIM
+  with 'linspace' spacing converts to a workdir whose own sampler (no --sampler given) makes
+  the images diffusers' pipeline makes with that scheduler."""
+  torch = pytest.importorskip("torch", exc_type=ImportError)
+  diffusers = pytest.importorskip("diffusers", exc_type=ImportError)
+  pytest.importorskip("transformers", exc_type=ImportError)
+  import test_parity_pipeline as tpp  # pylint: disable=g-import-not-at-top
+  from ldm_jax.pipeline import LatentDiffusionPipeline  # pylint: disable=g-import-not-at-top
+  ref_pipe, folder = tpp.tiny_sd(tmp_path)
+  common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                beta_schedule="scaled_linear")
+  rescale = 0.0
+  if kind == "EulerDiscreteScheduler":
+    sched = diffusers.EulerDiscreteScheduler(**common, use_karras_sigmas=True,
+                                             prediction_type="v_prediction")
+    rescale = 0.7
+  elif kind == "PNDMScheduler":
+    sched = diffusers.PNDMScheduler(**common, skip_prk_steps=True, steps_offset=1,
+                                    set_alpha_to_one=False)
+  else:
+    sched = diffusers.DDIMScheduler(**common, timestep_spacing="linspace", clip_sample=False,
+                                    set_alpha_to_one=False)
+  sched.save_pretrained(os.path.join(folder, "scheduler"))
+  workdir = str(tmp_path / "workdir")
+  sd.convert_diffusers(folder, workdir)
+  pipe = LatentDiffusionPipeline.from_workdir(workdir)
+  sampler = pipe.sample_defaults["sampler"]
+  assert sampler == sd.config_keys.SCHEDULER_CLASS_SAMPLER[kind]
+  latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+  ref_pipe.scheduler = sched
+  with torch.no_grad():
+    ref = ref_pipe(tpp.PROMPTS, num_inference_steps=8, guidance_scale=7.5, output_type="np",
+                   latents=torch.from_numpy(latents), guidance_rescale=rescale).images
+  ours = pipe.sample(2, sampler=sampler, steps=8, guidance=7.5, prompt=tpp.PROMPTS,
+                     latents=latents.transpose(0, 2, 3, 1), as_uint8=False,
+                     guidance_rescale=rescale)
+  err = float(np.abs((np.asarray(ours) + 1.0) / 2.0 - ref).max())
+  # The same workdir sampled with DDIM instead: the gap the scheduler's class makes.
+  ddim = pipe.sample(2, sampler="ddim", steps=8, guidance=7.5, prompt=tpp.PROMPTS,
+                     latents=latents.transpose(0, 2, 3, 1), as_uint8=False)
+  gap = float(np.abs((np.asarray(ddim) + 1.0) / 2.0 - ref).max())
+  print(f"{kind}: max |ours ({sampler}) - diffusers| {err:.2e}; ddim instead: {gap:.2e}")
+  assert err <= 1e-3
+  if kind != "DDIMScheduler":
+    assert gap > 10 * err

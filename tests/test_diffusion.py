@@ -65,7 +65,7 @@ def test_unknown_names_raise_with_config_key():
   with pytest.raises(ValueError, match=r"sampling\.timestep_spacing"):
     D.timesteps("uniform", T, 10)
   with pytest.raises(ValueError, match=r"sampling\.sampler.*'dpmpp_2m'"):
-    D.sample("euler", JAX_EPS, jnp.zeros(SHAPE), SCHED, num_steps=2)
+    D.sample("heun", JAX_EPS, jnp.zeros(SHAPE), SCHED, num_steps=2)
   with pytest.raises(ValueError, match="strictly decreasing"):  # leading + offset 1 reaches T
     D.timesteps("leading", T, T, steps_offset=1)
 

@@ -62,15 +62,13 @@ def check(config: Mapping[str, Any], keys: Keys, what: str, metadata_prefix: str
 # --- Schedulers (scheduler/scheduler_config.json). ---
 
 _THRESHOLDING = "read only with thresholding=True (refused)"
-_OTHER_SCHEDULER = ("{}'s own option; ldm_jax's DDPM, DDIM and DPM-Solver++ do not read it "
-                    "(nor do diffusers' from_config of those schedulers)")
 
 SCHEDULER = Keys(
     implemented=frozenset({
         "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
         "rescale_betas_zero_snr", "timestep_spacing", "steps_offset", "set_alpha_to_one",
         "clip_sample", "clip_sample_range", "use_karras_sigmas", "final_sigmas_type",
-        "lower_order_final"}),
+        "lower_order_final", "skip_prk_steps"}),
     fixed={
         "trained_betas": (None,), "thresholding": (False,),
         "variance_type": (None, "fixed_small"),  # DPM-Solver's None is DDPM's fixed_small
@@ -78,34 +76,38 @@ SCHEDULER = Keys(
         "euler_at_final": (False,), "use_exponential_sigmas": (False,),
         "use_beta_sigmas": (False,), "use_lu_lambdas": (False,), "use_flow_sigmas": (False,),
         "lambda_min_clipped": (-math.inf,), "use_dynamic_shifting": (False,),
+        # EulerDiscreteScheduler: sigmas interpolated linearly at discrete timesteps, the
+        # Karras ramp between the table's own ends.
+        "interpolation_type": ("linear",), "timestep_type": ("discrete",),
+        "sigma_min": (None,), "sigma_max": (None,),
     },
     ignored={
         "dynamic_thresholding_ratio": _THRESHOLDING, "sample_max_value": _THRESHOLDING,
         "flow_shift": "read only with use_flow_sigmas=True (refused)",
         "time_shift_type": "read only with use_dynamic_shifting=True (refused)",
-        "skip_prk_steps": _OTHER_SCHEDULER.format("PNDMScheduler"),
-        "interpolation_type": _OTHER_SCHEDULER.format("EulerDiscreteScheduler"),
-        "timestep_type": _OTHER_SCHEDULER.format("EulerDiscreteScheduler"),
-        "sigma_min": _OTHER_SCHEDULER.format("EulerDiscreteScheduler"),
-        "sigma_max": _OTHER_SCHEDULER.format("EulerDiscreteScheduler"),
     })
 
-# The scheduler classes whose options SCHEDULER covers, and the defaults diffusers gives the
-# keys a scheduler_config.json leaves out (only keys that ldm_jax's samplers read). The sampler
-# is chosen at sampling time (`--sampler`); the class only fills these defaults.
+# The scheduler classes a workdir can be converted from, the sampler each becomes
+# (config.ldm.sample.sampler: the images are the class's own), and the defaults diffusers gives
+# the keys a scheduler_config.json leaves out (only keys that ldm_jax's samplers read). Any
+# other class (LMSDiscreteScheduler, Heun, UniPC, ...) is refused: no sampler reproduces it.
+SCHEDULER_CLASS_SAMPLER = {
+    "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "PNDMScheduler": "pndm",
+    "DPMSolverMultistepScheduler": "dpmpp_2m", "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+}
 SCHEDULER_CLASS_DEFAULTS = {
     "DDIMScheduler": dict(clip_sample=True, set_alpha_to_one=True, timestep_spacing="leading",
                           steps_offset=0),
     "DDPMScheduler": dict(clip_sample=True, timestep_spacing="leading", steps_offset=0),
-    "PNDMScheduler": dict(set_alpha_to_one=False, timestep_spacing="leading", steps_offset=0),
+    "PNDMScheduler": dict(set_alpha_to_one=False, timestep_spacing="leading", steps_offset=0,
+                          skip_prk_steps=False),
     "DPMSolverMultistepScheduler": dict(timestep_spacing="linspace", steps_offset=0,
                                         use_karras_sigmas=False, final_sigmas_type="zero",
                                         lower_order_final=True),
     "EulerDiscreteScheduler": dict(timestep_spacing="linspace", steps_offset=0,
                                    use_karras_sigmas=False, final_sigmas_type="zero"),
     "EulerAncestralDiscreteScheduler": dict(timestep_spacing="linspace", steps_offset=0),
-    "LMSDiscreteScheduler": dict(timestep_spacing="linspace", steps_offset=0,
-                                 use_karras_sigmas=False),
 }
 
 # --- UNets (unet/config.json). ---

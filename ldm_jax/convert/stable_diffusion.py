@@ -40,9 +40,12 @@ def schedule_settings(sched: Mapping[str, Any]) -> tuple[dict, dict]:
   what = "scheduler_config.json"
   kind = sched.get("_class_name")
   if kind is not None and kind not in config_keys.SCHEDULER_CLASS_DEFAULTS:
-    raise UserError(f"{what} _class_name={kind!r} is not supported (one of "
-                    f"{', '.join(sorted(config_keys.SCHEDULER_CLASS_DEFAULTS))})")
+    raise UserError(f"{what} _class_name={kind!r} is not supported: no ldm_jax sampler "
+                    f"reproduces it (one of {', '.join(sorted(config_keys.SCHEDULER_CLASS_DEFAULTS))})")
   config_keys.check(sched, config_keys.SCHEDULER, what)
+  if kind == "PNDMScheduler" and sched.get("skip_prk_steps") is not True:
+    raise UserError(f"{what} PNDMScheduler with skip_prk_steps={sched.get('skip_prk_steps')!r} "
+                    "is not supported (only True: the PLMS steps Stable Diffusion uses)")
   missing = [k for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
              if k not in sched]
   if missing:
@@ -97,9 +100,15 @@ def schedule_settings(sched: Mapping[str, Any]) -> tuple[dict, dict]:
   return diffusion, options
 
 
+def scheduler_sampler(sched: Mapping[str, Any]) -> str:
+  """The sampler that reproduces a scheduler_config.json's class (`schedule_settings` checks
+  the file); DDIM for a file without `_class_name`."""
+  return config_keys.SCHEDULER_CLASS_SAMPLER.get(sched.get("_class_name"), "ddim")
+
+
 def sd_config(*, unet_cfg: dict, ae_cfg: dict, clip_cfg: dict, image_size: int,
               image_channels: int, latent_scale: float, diffusion: dict, scheduler: dict,
-              max_length: int) -> ml_collections.ConfigDict:
+              max_length: int, sampler: str = "ddim") -> ml_collections.ConfigDict:
   """configs/ldm.py's schema with a converted text-to-image model filled in."""
   c = base_config()
   c.data.update(image_size=int(image_size), channels=int(image_channels))
@@ -114,7 +123,7 @@ def sd_config(*, unet_cfg: dict, ae_cfg: dict, clip_cfg: dict, image_size: int,
   c.ldm.diffusion.update(diffusion)
   c.ldm.diffusion.latent_scale = float(latent_scale)
   c.ldm.scheduler = ml_collections.ConfigDict(dict(scheduler))
-  c.ldm.sample.update(guidance=7.5, steps=50, num_samples=4)
+  c.ldm.sample.update(guidance=7.5, steps=50, num_samples=4, sampler=sampler)
   return c
 
 
@@ -165,7 +174,8 @@ def convert_diffusers(folder: str, workdir: str) -> ml_collections.ConfigDict:
   scale = float(vae_json.get("scaling_factor", 0.18215))
   config = sd_config(unet_cfg=unet_cfg, ae_cfg=ae_cfg, clip_cfg=clip_cfg, image_size=size * f,
                      image_channels=int(vae_json.get("in_channels", 3)), latent_scale=scale,
-                     diffusion=diffusion, scheduler=options, max_length=max_length)
+                     diffusion=diffusion, scheduler=options, max_length=max_length,
+                     sampler=scheduler_sampler(sched))
   write_workdir(workdir, config, ae_params, {"unet": unet_params, "text": clip_params},
                 latent_shape=latent_shape, latent_scale=scale,
                 source=f"diffusers:{os.path.abspath(folder)}", tokenizer_dir=tok_dir,

@@ -1,7 +1,7 @@
 """Reverse-process samplers, each ONE `jax.lax.scan` over per-step tables; none holds a model.
 
-Every sampler takes `denoise_fn(x_t, t, *model_args) -> model_out` (t: int32 of shape (B,), the
-output in `parameterization`), starts from x_T and visits timesteps t_1 > t_2 > ... > t_N. Writing
+Every sampler takes `denoise_fn(x_t, t, *model_args) -> model_out` (t of shape (B,): int32, or
+float32 for the Euler samplers; the output in `parameterization`), starts from x_T and visits timesteps t_1 > t_2 > ... > t_N. Writing
 abar = abar_{t_i}, abar' = the next level, and (x0^, eps^) the model's prediction at (x, t_i):
 
 DDPM, ancestral, fixed small variance; respaced (improved DDPM) for N < T, so b' = 1 - abar / abar'
@@ -18,6 +18,9 @@ lambda = log(alpha / sigma), h = lambda' - lambda, h_ = lambda - lambda_prev (th
 With Karras sigmas ("DPM++ 2M Karras") the levels are sigma_i = (smax^(1/7) + i/(N-1)
 (smin^(1/7) - smax^(1/7)))^7 between the table's ends (sigma = sqrt((1 - abar) / abar),
 alpha = 1 / sqrt(1 + sigma^2)), the model evaluated at the rounded matching timestep.
+Euler and Euler-ancestral (`ldm_jax.diffusion.euler`): diffusers' EulerDiscreteScheduler and
+EulerAncestralDiscreteScheduler; their model sees fractional (float32) timesteps, and their x_T
+from noise is unit noise times `initial_noise_scale` (diffusers' init_noise_sigma).
 
 Every sampler takes `thresholding` (`ldm_jax.diffusion.thresholding`: none, static clipping or
 Imagen's dynamic thresholding), applied to x0^ at every step before it is used.
@@ -38,74 +41,22 @@ scan (the mask blend).
 """
 import functools
 import inspect
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.diffusion.chain import (SPACINGS, DenoiseFn, StepHook, Trajectory,  # noqa: F401
+                                     dpm_solver_timesteps, previous_timesteps, run_chain,
+                                     step_keys, step_noise, threshold, timesteps, x0_at_level)
+from ldm_jax.diffusion.euler import euler_ancestral_sample, euler_sample
+from ldm_jax.diffusion.euler import initial_noise_scale as euler_noise_scale
+from ldm_jax.diffusion.euler import levels as euler_vp_levels
 from ldm_jax.diffusion.objectives import predict_x0_and_eps
+from ldm_jax.diffusion.pndm import pndm_sample
 from ldm_jax.diffusion.schedules import DiffusionSchedule, karras_sigmas, sigma_to_timestep
 from ldm_jax.diffusion.thresholding import Thresholding
-
-SPACINGS = ("leading", "linspace", "trailing")
-DenoiseFn = Callable[..., jax.Array]
-# step_hook(x, i) -> x: applied to the sample after step i (its index in the N-step schedule,
-# int32), e.g. the mask blend of inpainting; runs inside the scan, so it must be traceable.
-StepHook = Callable[[jax.Array, jax.Array], jax.Array]
-
-
-class Trajectory(NamedTuple):
-  x: jax.Array        # (num_steps, *x_T.shape): the sample after each step
-  pred_x0: jax.Array  # (num_steps, *x_T.shape): the x_0 predicted at each step
-
-
-def _checked(ts: np.ndarray, num_train_timesteps: int, spacing: str) -> np.ndarray:
-  ts = np.asarray(ts, np.int64)
-  if ts.size and (ts.max() >= num_train_timesteps or ts.min() < 0 or np.any(np.diff(ts) >= 0)):
-    raise ValueError(f"timesteps {ts.tolist()} ({spacing!r} spacing) must be strictly decreasing "
-                     f"within [0, {num_train_timesteps}); lower num_steps or steps_offset")
-  return ts
-
-
-def timesteps(spacing: str, num_train_timesteps: int, num_steps: int,
-              steps_offset: int = 0) -> np.ndarray:
-  """Descending int64 timesteps of DDPMScheduler / DDIMScheduler.set_timesteps (diffusers)."""
-  T, n = num_train_timesteps, num_steps
-  if not 1 <= n <= T:
-    raise ValueError(f"sampling.num_steps must be in [1, {T}], got {n}")
-  if spacing == "leading":
-    ts = np.arange(n)[::-1] * (T // n) + steps_offset
-  elif spacing == "linspace":
-    ts = np.linspace(0, T - 1, n).round()[::-1]
-  elif spacing == "trailing":
-    ts = np.round(np.arange(T, 0, -T / n)) - 1
-  else:
-    raise ValueError(f"unknown timestep spacing {spacing!r} (sampling.timestep_spacing: "
-                     f"one of {', '.join(repr(s) for s in SPACINGS)})")
-  return _checked(ts, T, spacing)
-
-
-def dpm_solver_timesteps(spacing: str, num_train_timesteps: int, num_steps: int,
-                         steps_offset: int = 0) -> np.ndarray:
-  """Timesteps of DPMSolverMultistepScheduler.set_timesteps: N + 1 points, the last (0) dropped."""
-  T, n = num_train_timesteps, num_steps
-  if not 1 <= n < T:
-    raise ValueError(f"sampling.num_steps must be in [1, {T - 1}], got {n}")
-  if spacing == "linspace":
-    ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
-  elif spacing == "leading":
-    ts = (np.arange(n + 1) * (T // (n + 1)))[::-1][:-1] + steps_offset
-  elif spacing == "trailing":
-    ts = np.arange(T, 0, -T / n).round() - 1
-  else:
-    raise ValueError(f"unknown timestep spacing {spacing!r} (sampling.timestep_spacing: "
-                     f"one of {', '.join(repr(s) for s in SPACINGS)})")
-  return _checked(ts, T, spacing)
-
-
-def _threshold(x0, thresholding: Thresholding | None):
-  return x0 if thresholding is None else thresholding(x0)
 
 
 def _predict(denoise_fn, sched, x, t, model_args, parameterization, thresholding,
@@ -124,36 +75,6 @@ def _predict(denoise_fn, sched, x, t, model_args, parameterization, thresholding
   return x0, eps
 
 
-def _keys(rng, num_steps):
-  return None if rng is None else jax.random.split(rng, num_steps)
-
-
-def _normal(key, x):
-  return jnp.zeros_like(x) if key is None else jax.random.normal(key, x.shape, x.dtype)
-
-
-def _run(body, init, xs, return_trajectory, start_step=0, step_hook=None):
-  """scan(body) over xs[start_step:]; body(carry, inp) -> (carry, (x, x0^)); carry is x or
-  (x, ...). `step_hook(x, i)` rewrites x after step i."""
-  num_steps = len(xs[0])
-  if not 0 <= start_step < num_steps:
-    raise ValueError(f"start_step={start_step} must be in [0, {num_steps}) for {num_steps} steps")
-  xs = jax.tree.map(lambda a: a[start_step:], (xs, jnp.arange(num_steps, dtype=jnp.int32)))
-
-  def scan_body(carry, inp):
-    inp, i = inp
-    carry, ys = body(carry, inp)
-    if step_hook is not None:
-      x = step_hook(carry[0] if isinstance(carry, tuple) else carry, i)
-      carry = (x,) + carry[1:] if isinstance(carry, tuple) else x
-      ys = (x,) + tuple(ys[1:])
-    return carry, (ys if return_trajectory else None)
-
-  carry, ys = jax.lax.scan(scan_body, init, xs)
-  x = carry[0] if isinstance(carry, tuple) else carry
-  return (x, Trajectory(*ys)) if return_trajectory else x
-
-
 def ddpm_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: DiffusionSchedule, *,
                 num_steps: int, rng: jax.Array, model_args: tuple = (),
                 parameterization: str = "eps", spacing: str = "leading", steps_offset: int = 0,
@@ -163,6 +84,7 @@ def ddpm_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: DiffusionSchedule,
 
   With num_steps = T (and the defaults) this is Ho et al.'s chain; fewer steps respace it, the
   betas recomputed from the kept abar (improved DDPM; diffusers DDPMScheduler, clip_sample off).
+  Each step goes to the next listed timestep, as diffusers' DDPMScheduler (not DDIM's t - T // N).
   """
   if rng is None:
     raise ValueError("ddpm_sample needs rng")
@@ -177,20 +99,20 @@ def ddpm_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: DiffusionSchedule,
   def body(x, inp):
     t, c0, ct, s, key = inp
     x0, _ = _predict(denoise_fn, sched, x, t, model_args, parameterization, thresholding)
-    x = c0 * x0 + ct * x + s * _normal(key, x)
+    x = c0 * x0 + ct * x + s * step_noise(key, x)
     return x, (x, x0)
 
-  xs = (jnp.asarray(ts, jnp.int32), coef_x0, coef_xt, std, _keys(rng, num_steps))
-  return _run(body, jnp.asarray(x_T, jnp.float32), xs, return_trajectory, start_step,
+  xs = (jnp.asarray(ts, jnp.int32), coef_x0, coef_xt, std, step_keys(rng, num_steps))
+  return run_chain(body, jnp.asarray(x_T, jnp.float32), xs, return_trajectory, start_step,
               step_hook)
 
 
 def _ddim_tables(sched, num_steps, spacing, steps_offset, set_alpha_to_one):
   ts = timesteps(spacing, sched.num_timesteps, num_steps, steps_offset)
-  prev = np.append(ts[1:], -1)
+  prev = previous_timesteps(ts, sched.num_timesteps)
   a = sched.alphas_cumprod
-  final = jnp.ones((1,), jnp.float32) if set_alpha_to_one else a[:1]
-  return ts, prev, a[ts], jnp.concatenate([a[prev[:-1]], final])
+  final = jnp.float32(1.0) if set_alpha_to_one else a[0]
+  return ts, prev, a[ts], jnp.where(prev >= 0, a[np.maximum(prev, 0)], final)
 
 
 def ddim_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: DiffusionSchedule, *,
@@ -204,9 +126,10 @@ def ddim_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: DiffusionSchedule,
 
   Defaults are Stable Diffusion's DDIMScheduler (leading spacing, steps_offset=1,
   set_alpha_to_one=False, no thresholding). With `thresholding`, eps^ stays the model's unless
-  `recompute_eps` (diffusers' default; ADM re-derives it from the thresholded x0^). The step goes to the NEXT timestep in the list, which is
-  diffusers' t - T // N for 'leading'/'trailing' (diffusers differs for 'linspace'). With rng=None
-  the noise term is dropped, so eta > 0 needs an rng.
+  `recompute_eps` (diffusers' default; ADM re-derives it from the thresholded x0^). Each step
+  goes to t - T // N (`previous_timesteps`) as diffusers' DDIMScheduler computes it for every
+  spacing: for 'leading' that is the next listed timestep, for 'linspace' it is not. With
+  rng=None the noise term is dropped, so eta > 0 needs an rng.
   """
   if rng is None and isinstance(eta, (int, float)) and eta != 0:
     raise ValueError("ddim_sample with eta > 0 needs rng")
@@ -220,11 +143,11 @@ def ddim_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: DiffusionSchedule,
                        recompute_eps)
     s = eta * jnp.sqrt(v)
     x = (jnp.sqrt(at_prev) * x0 + jnp.sqrt(jnp.maximum(1.0 - at_prev - s * s, 0.0)) * eps
-         + s * _normal(key, x))
+         + s * step_noise(key, x))
     return x, (x, x0)
 
-  xs = (jnp.asarray(ts, jnp.int32), a_prev, var, _keys(rng, num_steps))
-  return _run(body, jnp.asarray(x_T, jnp.float32), xs, return_trajectory, start_step,
+  xs = (jnp.asarray(ts, jnp.int32), a_prev, var, step_keys(rng, num_steps))
+  return run_chain(body, jnp.asarray(x_T, jnp.float32), xs, return_trajectory, start_step,
               step_hook)
 
 
@@ -247,7 +170,7 @@ def ddim_invert(denoise_fn: DenoiseFn, x_0: jax.Array, sched: DiffusionSchedule,
     return x, (x, x0)
 
   xs = (jnp.asarray(np.maximum(prev, 0)[::-1], jnp.int32), a_t[::-1])
-  return _run(body, jnp.asarray(x_0, jnp.float32), xs, return_trajectory)
+  return run_chain(body, jnp.asarray(x_0, jnp.float32), xs, return_trajectory)
 
 
 def dpm_solver_karras_levels(sched: DiffusionSchedule, num_steps: int):
@@ -263,18 +186,6 @@ def dpm_solver_karras_levels(sched: DiffusionSchedule, num_steps: int):
   table = jnp.sqrt((1.0 - a) / a)
   sig = karras_sigmas(table[0], table[-1], num_steps)
   return jnp.round(sigma_to_timestep(sig, table)).astype(jnp.int32), sig
-
-
-def _x0_at_level(x, out, alpha, sigma, parameterization):
-  """x0^ from a model output at the level (alpha, sigma) (`predict_x0_and_eps` reads the
-  schedule's table at t instead; Karras levels lie between the table's entries)."""
-  if parameterization == "eps":
-    return (x - sigma * out) / alpha
-  if parameterization == "x0":
-    return out
-  if parameterization == "v":
-    return alpha * x - sigma * out
-  raise ValueError(f"unknown parameterization {parameterization!r} (eps, v, x0)")
 
 
 def dpm_solver_pp_2m_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: DiffusionSchedule, *,
@@ -329,17 +240,21 @@ def dpm_solver_pp_2m_sample(denoise_fn: DenoiseFn, x_T: jax.Array, sched: Diffus
     t, al, si, cx, c0, c1 = inp
     out = jnp.asarray(denoise_fn(x, jnp.full((x.shape[0],), t, jnp.int32), *model_args),
                       jnp.float32)
-    x0 = _x0_at_level(x, out, al, si, parameterization)
-    x0 = _threshold(x0, thresholding)
+    x0 = x0_at_level(x, out, al, si, parameterization)
+    x0 = threshold(x0, thresholding)
     x = cx * x + c0 * x0 + c1 * x0_last
     return (x, x0), (x, x0)
 
   x_T = jnp.asarray(x_T, jnp.float32)
   xs = (jnp.asarray(ts, jnp.int32), alpha[:-1], sigma[:-1], coef_x, coef_d0, coef_d1)
-  return _run(body, (x_T, jnp.zeros_like(x_T)), xs, return_trajectory, start_step, step_hook)
+  return run_chain(body, (x_T, jnp.zeros_like(x_T)), xs, return_trajectory, start_step, step_hook)
 
 
-SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpmpp_2m": dpm_solver_pp_2m_sample}
+SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpmpp_2m": dpm_solver_pp_2m_sample,
+            "euler": euler_sample, "euler_a": euler_ancestral_sample, "pndm": pndm_sample}
+# The samplers whose model sees fractional timesteps and whose x_T from noise is scaled
+# (`initial_noise_scale`).
+EULER = ("euler", "euler_a")
 
 
 def sample(sampler: str, denoise_fn: DenoiseFn, x_T: jax.Array, sched: DiffusionSchedule,
@@ -361,6 +276,9 @@ def sampler_levels(sampler: str, sched: DiffusionSchedule, num_steps: int, **kwa
                      f"{', '.join(repr(s) for s in SAMPLERS)})")
   params = inspect.signature(SAMPLERS[sampler]).parameters
   opts = {k: kwargs.get(k, params[k].default) for k in ("spacing", "steps_offset")}
+  if sampler in EULER:
+    return euler_vp_levels(sched, num_steps, use_karras_sigmas=(
+        sampler == "euler" and bool(kwargs.get("use_karras_sigmas", False))), **opts)
   if sampler == "dpmpp_2m" and kwargs.get("use_karras_sigmas", False):
     ts, sig = dpm_solver_karras_levels(sched, num_steps)
     alpha = jax.lax.rsqrt(1.0 + sig * sig)
@@ -371,6 +289,18 @@ def sampler_levels(sampler: str, sched: DiffusionSchedule, num_steps: int, **kwa
   if sampler == "dpmpp_2m":  # as the solver: finite lambda at zero terminal SNR
     a = jnp.maximum(a, 2.0 ** -24)
   return jnp.asarray(ts, jnp.int32), jnp.sqrt(a), jnp.sqrt(1.0 - a)
+
+
+def initial_noise_scale(sampler: str, sched: DiffusionSchedule, num_steps: int, **kwargs):
+  """The factor on unit noise that makes x_T for sampling from noise: 1, except for the Euler
+  samplers (diffusers' `init_noise_sigma` in the chain's form, `euler.initial_noise_scale`).
+  Options as `sampler_levels`."""
+  if sampler not in EULER:
+    return jnp.float32(1.0)
+  params = inspect.signature(SAMPLERS[sampler]).parameters
+  opts = {k: kwargs.get(k, params[k].default) for k in ("spacing", "steps_offset")}
+  return euler_noise_scale(sched, num_steps, use_karras_sigmas=(
+      sampler == "euler" and bool(kwargs.get("use_karras_sigmas", False))), **opts)
 
 
 def strength_start_step(num_steps: int, strength: float) -> int:
@@ -386,12 +316,22 @@ def strength_start_step(num_steps: int, strength: float) -> int:
   return num_steps - run
 
 
+def rescale_guidance(guided_out: jax.Array, cond_out: jax.Array, phi) -> jax.Array:
+  """Guidance rescale (Lin et al. 2023, eq. 15-16; diffusers' rescale_noise_cfg): the guided
+  output scaled to the conditional output's standard deviation per sample (unbiased, as
+  torch.std), mixed with weight phi into the guided one."""
+  axes = tuple(range(1, guided_out.ndim))
+  std_c = jnp.std(cond_out, axis=axes, keepdims=True, ddof=1)
+  std_g = jnp.std(guided_out, axis=axes, keepdims=True, ddof=1)
+  return phi * (guided_out * (std_c / std_g)) + (1.0 - phi) * guided_out
+
+
 def cfg_denoise(model_fn: DenoiseFn, x_t: jax.Array, t: jax.Array, cond: Any, uncond: Any,
-                scale: float | jax.Array, *args) -> jax.Array:
+                scale: float | jax.Array, *args, rescale=None) -> jax.Array:
   """Classifier-free guidance (Ho & Salimans 2022) from ONE model call on the doubled batch:
 
     [out_c, out_u] = model_fn([x_t, x_t], [t, t], [cond, uncond], *args)
-    out = out_u + scale (out_c - out_u)
+    out = out_u + scale (out_c - out_u)      then, with `rescale` phi, `rescale_guidance`
 
   cond/uncond are arrays or pytrees with a leading batch axis (uncond may have batch 1); scale is
   a scalar or shape (B,). Valid for any parameterisation (all are affine in the output).
@@ -404,10 +344,19 @@ def cfg_denoise(model_fn: DenoiseFn, x_t: jax.Array, t: jax.Array, cond: Any, un
   out_c, out_u = out[:b], out[b:]
   scale = jnp.asarray(scale, out.dtype)
   scale = jnp.reshape(scale, scale.shape + (1,) * (out.ndim - scale.ndim))
-  return out_u + scale * (out_c - out_u)
+  guided_out = out_u + scale * (out_c - out_u)
+  if rescale is None:
+    return guided_out
+  return rescale_guidance(guided_out, out_c, jnp.asarray(rescale, out.dtype))
 
 
-def guided(model_fn: DenoiseFn) -> DenoiseFn:
+def guided(model_fn: DenoiseFn, rescaled: bool = False) -> DenoiseFn:
   """The `denoise_fn(x_t, t, cond, uncond, scale, *args)` of `cfg_denoise`, for the samplers:
-  pass model_args=(cond, uncond, scale, *args) so all of them stay runtime values."""
-  return functools.partial(cfg_denoise, model_fn)
+  pass model_args=(cond, uncond, scale, *args) so all of them stay runtime values. With
+  `rescaled`, `denoise_fn(x_t, t, cond, uncond, scale, phi, *args)` (guidance rescale phi)."""
+  if not rescaled:
+    return functools.partial(cfg_denoise, model_fn)
+
+  def fn(x_t, t, cond, uncond, scale, phi, *args):
+    return cfg_denoise(model_fn, x_t, t, cond, uncond, scale, *args, rescale=phi)
+  return fn

@@ -6,6 +6,7 @@ from typing import Callable, Optional
 import ml_collections
 
 from ldm_jax.config_schema import AUTOENCODER, CODECS
+from ldm_jax.diffusion.samplers import SAMPLERS
 from ldm_jax.diffusion.thresholding import Thresholding
 from ldm_jax.errors import UserError
 
@@ -67,7 +68,7 @@ _STAGE_CHOICES = {
     "diffusion.schedule": ("linear", "scaled_linear", "cosine"),
     "train.compute_dtype": ("float32", "bfloat16"),
     "optim.decay": ("constant", "cosine"),
-    "sample.sampler": ("ddpm", "ddim", "dpmpp_2m"),
+    "sample.sampler": tuple(SAMPLERS),
     "sample.thresholding": ("none", "static", "dynamic"),
 }
 
