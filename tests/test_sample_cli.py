@@ -106,3 +106,39 @@ def test_jpeg_grid_and_restartable_png_folder(tiny_workdir, tmp_path):
   cmd[cmd.index("--seed=6")] = "--seed=5"
   done = subprocess.run(cmd, capture_output=True, text=True)
   assert done.returncode == 1 and "checkpoint_steps" in done.stderr.strip().splitlines()[-1]
+
+
+def test_step_picks_a_saved_checkpoint_and_is_recorded(tiny_workdir, tmp_path):
+  tiny_workdir_ = tiny_workdir
+  """--step samples an older checkpoint (other images, recorded in sampling.json); a step
+  that was not saved is one line listing the saved ones."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from ldm_jax.checkpoint import Checkpointer, restore_eval_params  # pylint: disable=g-import-not-at-top
+  tiny_workdir = tmp_path / "two_steps"
+  shutil.copytree(tiny_workdir_, tiny_workdir)
+  checkpoints = pathlib.Path(workdir_lib.checkpoint_dir(str(tiny_workdir), "ldm"))
+  params, meta, _ = restore_eval_params(str(checkpoints))
+  ckpt = Checkpointer(str(checkpoints), keep=5, save_every=1, async_save=False)
+  # (shifted, not scaled: the UNet's last convolution starts at zero)
+  ckpt.save(3, {"params": jax.tree.map(lambda p: p + 0.05, params)}, meta, force=True)
+  ckpt.wait()
+  ckpt.close()
+  saved = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+  assert saved == [0, 3], saved
+  grids = {}
+  for step in (saved[0], saved[-1]):
+    out = tmp_path / f"s{step}"
+    _run(tiny_workdir, "--num_samples=2", f"--step={step}", f"--out_dir={out}")
+    manifest = json.loads((out / "sampling.json").read_text())
+    assert manifest["checkpoint_steps"] == {"ldm": step}
+    grids[step] = np.asarray(Image.open(out / "000000.png"))
+  assert np.abs(grids[saved[0]].astype(int) - grids[saved[-1]]).max() > 0
+  cmd = [sys.executable, str(ROOT / "sample.py"), f"--workdir={tiny_workdir}", "--steps=2",
+         "--num_samples=2", "--step=999999", f"--out={tmp_path / 'x.png'}"]
+  done = subprocess.run(cmd, capture_output=True, text=True)
+  assert done.returncode == 1 and "Traceback" not in done.stderr
+  assert done.stderr.strip().splitlines()[-1] == (
+      f"error: no checkpoint step 999999 in {checkpoints}: the saved steps are "
+      f"{', '.join(map(str, saved))}")
+  assert not (tmp_path / "x.png").exists()
