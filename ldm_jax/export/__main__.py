@@ -1,0 +1,31 @@
+"""python -m ldm_jax.export --workdir=W --out=DIR [--step=N]: a workdir as a diffusers folder
+(see ldm_jax/export/__init__.py)."""
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m ldm_jax.export", description=__doc__)
+  p.add_argument("--workdir", required=True, help="a trained or converted LDM workdir")
+  p.add_argument("--out", required=True, help="the diffusers folder to write (must not exist)")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+  args = p.parse_args(argv)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from ldm_jax import platform  # pylint: disable=g-import-not-at-top
+  platform.configure()
+  platform.quiet_library_logs()
+  from ldm_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from ldm_jax.export import export_diffusers  # pylint: disable=g-import-not-at-top
+  try:
+    kind = export_diffusers(args.workdir, args.out, args.step)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(f"wrote {os.path.abspath(args.out)} ({kind})")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
