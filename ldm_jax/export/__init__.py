@@ -125,7 +125,7 @@ def export_diffusers(workdir: str, out: str, step: Optional[int] = None) -> str:
     sd = _text_encoder_state_dict(parts.params["text"], int(clip_cfg["num_hidden_layers"]))
     if not any(k.startswith("text_model.") for k in text.state_dict()):  # transformers >= 5
       sd = {k[len("text_model."):]: v for k, v in sd.items()}
-    missing, unexpected = text.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()},
+    missing, unexpected = text.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
                                                strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
