@@ -7,6 +7,7 @@
 """
 import ml_collections
 
+from ldm_jax.config_schema import mesh_block
 from ldm_jax.data import default_data_config
 from ldm_jax.errors import UserError
 
@@ -47,11 +48,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = mesh_block()
   c.stages = ("autoencoder",)
   return c
-
-
-def mesh_block() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, fsdp_min_size=2 ** 14,
-                                        rules=()))
 
 
 def _imagenet(c: ml_collections.ConfigDict) -> None:

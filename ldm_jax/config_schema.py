@@ -20,6 +20,12 @@ AUTOENCODER = "autoencoder"
 CODECS = ("latent", "pixel")
 
 
+def mesh_block() -> ml_collections.ConfigDict:
+  """config.mesh: axis sizes (-1 takes the remaining devices) and extra sharding rules."""
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, fsdp_min_size=2 ** 14,
+                                        rules=()))
+
+
 def lowres_block() -> ml_collections.ConfigDict:
   """Noise-conditioning augmentation (Ho et al. 2021, "Cascaded Diffusion Models"; Imagen):
   in training the low-resolution conditioning is noised to a level s drawn uniformly from

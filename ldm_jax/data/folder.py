@@ -14,6 +14,7 @@ with `skip_bad_images` is replaced by the next decodable image and named in a wa
 """
 import concurrent.futures
 import hashlib
+import json
 import logging
 import operator
 import os
@@ -32,6 +33,7 @@ IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.pgm', '.png', '.ppm', '.t
 CHECK_MAX_FILES = 10_000
 CHECK_MAX_BYTES = 128 * 2 ** 20
 _NAMED = 10  # Bad files named in one message; the rest are counted.
+METADATA_FILE = 'metadata.jsonl'  # Hugging Face ImageFolder captions: file_name, text
 
 
 class FolderSource:
@@ -44,7 +46,8 @@ class FolderSource:
   Captions: a text file beside an image with the same stem (`cat/001.jpg` -> `cat/001.txt`,
   UTF-8, surrounding whitespace stripped) is that image's caption. When any image has one,
   `captions` lists them all, '' for images without a file (those train the unconditional model,
-  like condition dropout); otherwise `captions` is None.
+  like condition dropout); otherwise `captions` is None. Or a `metadata.jsonl` in the folder
+  (Hugging Face ImageFolder: one {"file_name": ..., "text": ...} per line) gives them.
   """
 
   def __init__(self, path: str | os.PathLike, skip_bad_images: bool = False):
@@ -79,7 +82,13 @@ class FolderSource:
     present = [walk.is_file(c) for c in caption_files]
     walk.warn_outside()
     self.captions = None
-    if any(present):
+    metadata = self.path / METADATA_FILE
+    if metadata.is_file():
+      if any(present):
+        raise UserError(f'data.folder {self.path} has both {METADATA_FILE} and caption .txt '
+                        f'files ({caption_files[present.index(True)]}, ...): keep one of them')
+      self.captions = metadata_captions(metadata, self.path, self.files)
+    elif any(present):
       self.captions = [read_caption(c) if ok else '' for c, ok in zip(caption_files, present)]
     self._lock = threading.Lock()
     self._bad: dict[int, str] = {}  # Index -> reason, for files found bad while reading.
@@ -278,6 +287,35 @@ def _decode_error(path: pathlib.Path) -> Optional[str]:
   except UserError as e:
     return str(e)
   return None
+
+
+def metadata_captions(path: pathlib.Path, root: pathlib.Path, files) -> list[str]:
+  """Captions from a Hugging Face ImageFolder `metadata.jsonl` (one JSON object per line with
+  `file_name`, relative to the folder, and `text`); '' for images it does not list. One line
+  naming the file and line for a bad line, a duplicate or a file that is not in the folder."""
+  by_file, where = {}, {}
+  with open(path, encoding='utf-8') as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        name, text = row['file_name'], row['text']
+      except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f'{path} line {n}: not a JSON object with "file_name" and "text" '
+                        f'({e})') from e
+      if not isinstance(name, str) or not isinstance(text, str):
+        raise UserError(f'{path} line {n}: "file_name" and "text" must be strings')
+      key = os.path.normpath(name)
+      if key in by_file:
+        raise UserError(f'{path} line {n}: {name!r} is listed twice (first on line {where[key]})')
+      by_file[key], where[key] = text.strip(), n
+  names = [os.path.normpath(os.path.relpath(f, root)) for f in files]
+  unknown = sorted(set(by_file) - set(names))
+  if unknown:
+    raise UserError(f'{path} line {where[unknown[0]]}: {unknown[0]!r} is not an image of '
+                    f'data.folder {root}')
+  return [by_file.get(n, '') for n in names]
 
 
 def read_caption(path: pathlib.Path) -> str:

@@ -31,6 +31,7 @@ from ldm_jax import codecs, diffusion
 from ldm_jax.models.builders import (TEXT_KINDS, build_text_encoder, build_unet,  # noqa: F401
                                      compute_dtype, make_schedule)
 from ldm_jax.models.conditioning import Tokenizer
+from ldm_jax.errors import UserError
 from ldm_jax.models.denoiser import DiffusionModel
 from ldm_jax.train.autoencoder import metrics_collection
 from ldm_jax.train.state import TrainState, adam_schedule
@@ -101,6 +102,19 @@ class DiffusionTask:
                              b1=o.b1, b2=o.b2, eps=o.get("eps", 1e-8),
                              weight_decay=o.weight_decay))
     self.tx = optax.chain(*chain)
+    frozen = tuple(o.get("frozen", ()))
+    if frozen:
+      # Frozen parts (e.g. a fine-tune's CLIP text encoder) get no update and no Adam state.
+      parts = ("unet",) + (("text",) if text is not None else ())
+      unknown = [f for f in frozen if f not in parts]
+      if unknown:
+        raise UserError(f"config.{stage}.optim.frozen={list(frozen)}: {unknown} is not a part "
+                        f"of this model ({', '.join(parts)})")
+      if set(parts) <= set(frozen):
+        raise UserError(f"config.{stage}.optim.frozen={list(frozen)} leaves nothing to train")
+      self.tx = optax.multi_transform(
+          {"train": self.tx, "frozen": optax.set_to_zero()},
+          lambda params: {k: "frozen" if k in frozen else "train" for k in params})
 
   def init_state(self, rng) -> TrainState:
     return TrainState.create(self.model.init(rng, self.shape), self.tx, self.block.optim.ema_decay)
@@ -163,16 +177,21 @@ class DiffusionTask:
       draws["aug_noise"] = jax.random.normal(r_aug_noise, shape)
     return draws, r_drop
 
-  def make_train_step(self, variant: Any = None):
-    dc, sched, k = self.dc, self.schedule, self.grad_accum_steps
+  def loss(self, params, z0, t, noise, cond, rng):
+    """The training loss of one batch: x_0 (scaled latents or pixels) noised to t with
+    `noise`, the model's output against the parameterization's target (min-SNR weighted
+    when configured); the loss every train step differentiates."""
+    dc, sched = self.dc, self.schedule
+    z_t = diffusion.q_sample(sched, z0, t, noise)
+    out = self.model(params, z_t, t, cond, train=True, rng=rng)
+    tgt = diffusion.target(sched, z0, noise, t, dc.parameterization)
+    weights = (diffusion.min_snr_weights(sched, t, dc.min_snr_gamma, dc.parameterization)
+               if dc.min_snr_gamma > 0 else None)
+    return diffusion.diffusion_loss(out, tgt, weights)
 
-    def loss_fn(params, z0, t, noise, cond, rng):
-      z_t = diffusion.q_sample(sched, z0, t, noise)
-      out = self.model(params, z_t, t, cond, train=True, rng=rng)
-      tgt = diffusion.target(sched, z0, noise, t, dc.parameterization)
-      weights = (diffusion.min_snr_weights(sched, t, dc.min_snr_gamma, dc.parameterization)
-                 if dc.min_snr_gamma > 0 else None)
-      return diffusion.diffusion_loss(out, tgt, weights)
+  def make_train_step(self, variant: Any = None):
+    dc, k = self.dc, self.grad_accum_steps
+    loss_fn = self.loss
 
     def micro(params, codec_params, mb, r_drop):
       """(loss, gradients, x_0) of one microbatch `mb` (batch entries and draws)."""

@@ -52,6 +52,28 @@ def batch_spec(global_batch: int, image_size: int, channels: int, mesh,
           for k, (shape, dtype) in keys.items()}
 
 
+def with_params(state, params, abstract, shardings, name: str):
+  """`state` with `params` (host arrays) as its parameters and EMA, on the state's shardings;
+  one line naming the first leaf that does not fit."""
+  want = jax.tree_util.tree_flatten_with_path(abstract.params)[0]
+  got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  for path, spec in want:
+    if path not in got or tuple(np.shape(got[path])) != tuple(spec.shape):
+      shape = tuple(np.shape(got[path])) if path in got else "missing"
+      raise UserError(f"{name}: the initial parameters do not fit the model: "
+                      f"{jax.tree_util.keystr(path)} is {shape}, the model needs "
+                      f"{tuple(spec.shape)}")
+  if len(got) != len(want):
+    raise UserError(f"{name}: the initial parameters hold {len(got) - len(want)} leaves the "
+                    "model does not have")
+  params = jax.tree.map(lambda x, s: np.asarray(x, s.dtype), params, abstract.params)
+  state = state.replace(params=jax.device_put(params, shardings.params))
+  if state.ema_params is not None:
+    state = state.replace(ema_params=jax.device_put(state.ema_select(params),
+                                                    shardings.ema_params))
+  return state
+
+
 def init_state(task, rng, shardings):
   """task.init_state(rng) created directly with `shardings` (never whole on one device)."""
   return jax.jit(task.init_state, out_shardings=shardings).lower(rng).compile(
@@ -202,7 +224,8 @@ def _save(ckpt: Checkpointer, step: int, state, meta: dict, finite_fn) -> None:
 def train_stage(task, *, train_cfg, seed: int, image_shape: tuple[int, int], stage_dir: str,
                 mesh, batches: Callable[[int], Iterator[dict]],
                 on_eval: Optional[EvalCallback] = None, meta: Optional[dict] = None,
-                train_key: str = "train", compiler_options: Optional[dict] = None) -> Any:
+                train_key: str = "train", compiler_options: Optional[dict] = None,
+                initial_params: Any = None) -> Any:
   """Trains `task` to train_cfg.num_steps, resuming from stage_dir/checkpoints if present.
 
   `image_shape` is (image_size, channels) of the batches; `batches(start_step)` yields
@@ -211,8 +234,10 @@ def train_stage(task, *, train_cfg, seed: int, image_shape: tuple[int, int], sta
   the config (for messages); `compiler_options` go to XLA for the step (tests use
   platform.run_once_compiler_options() to compile faster). Every process runs this in
   lockstep. Returns the final state (on the mesh) and the last logged scalars ({} if none
-  ran). Raises `Preempted` after saving when any process got SIGTERM, FloatingPointError on a
-  non-finite step in 'stop' mode.
+  ran). `initial_params` (host arrays shaped as the task's parameters, e.g. a fine-tune's
+  source model) replace the random parameters and the EMA at step 0, put on the mesh with the
+  state's shardings; a resume reads its checkpoint instead. Raises `Preempted` after saving
+  when any process got SIGTERM, FloatingPointError on a non-finite step in 'stop' mode.
   """
   tc = train_cfg
   mode = tc.get("nonfinite", "stop")
@@ -231,6 +256,8 @@ def train_stage(task, *, train_cfg, seed: int, image_shape: tuple[int, int], sta
   meta = {"global_batch": int(tc.batch_size), "seed": int(seed), **(meta or {})}
   if ckpt.latest_step() is None:
     state = init_state(task, init_rng, shardings)
+    if initial_params is not None:
+      state = with_params(state, initial_params, abstract, shardings, task.name)
     start = 0
   else:
     # Elastic: the target shardings are this run's mesh, whatever mesh wrote the checkpoint.

@@ -11,7 +11,8 @@ from ldm_jax import console, sharding
 from ldm_jax import workdir as workdir_lib
 from ldm_jax.config_schema import AUTOENCODER
 from ldm_jax.errors import UserError, is_disk_full
-from ldm_jax.train import checks, config_change, lock, stage_autoencoder, stage_diffusion
+from ldm_jax.train import (checks, config_change, finetune, lock, stage_autoencoder,
+                           stage_diffusion)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
@@ -20,6 +21,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   workdir was trained with, builds the mesh, then trains `config.stages` one after another
   (the autoencoder unless a latent stage takes a pretrained one), each resuming from its own
   checkpoints. Returns {stage: summary metrics}, as merged into workdir/summary.json."""
+  if finetune.is_finetune(config):  # configs/finetune.py: the source's config, resolved
+    config = finetune.resolve(config)
   workdir = workdir_lib.ensure_writable(workdir)
   try:
     with lock.held(workdir):

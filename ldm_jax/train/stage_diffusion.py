@@ -19,7 +19,8 @@ from ldm_jax.evaluation import super_resolution
 from ldm_jax.pipeline import (PER_STAGE_SETTINGS, DiffusionPipeline, load_stages,
                               stage_sample_defaults, stage_thresholding)
 from ldm_jax.errors import UserError
-from ldm_jax.train import latent_cache, stage_autoencoder
+from ldm_jax.models.builders import TEXT_KINDS
+from ldm_jax.train import finetune, latent_cache, stage_autoencoder
 from ldm_jax.train.diffusion import DiffusionTask
 from ldm_jax.train.loop import train_stage
 
@@ -146,7 +147,13 @@ def run_diffusion(config: ml_collections.ConfigDict, stage: str, workdir: str, m
 
   train_source = data_lib.make_source(config.data, config.data.train_split)
   class_names = list(train_source.class_names)
-  text = block.conditioning.kind == "text"
+  kind = block.conditioning.kind
+  text = kind in TEXT_KINDS
+  init = finetune.initial_params(config, stage) if finetune.is_finetune(config) else None
+  if kind == "clip" and train_source.captions is None:
+    raise UserError(f"config.data ({train_source.name}) has no captions: a CLIP-conditioned "
+                    "model trains on captioned images (x.txt beside x.png, or a "
+                    "metadata.jsonl with file_name and text)")
   captions = training_captions(train_source, class_names) if text else []
   source_captions = text and train_source.captions is not None
   image_batches = batches = stage_autoencoder.train_batches(
@@ -154,9 +161,13 @@ def run_diffusion(config: ml_collections.ConfigDict, stage: str, workdir: str, m
 
   meta = _saved_meta(ckpt_dir)
   tokenizer = None
-  if text:
-    tokenizer = (Tokenizer.from_json(meta["tokenizer"]) if meta else
+  if kind == "clip":
+    tokenizer = load.tokenizer_of(config, stage, workdir, {})
+  elif text:  # ldm_jax's own: the vocabulary of the first run (or of the model fine-tuned)
+    known = meta or (init[1] if init is not None else None)
+    tokenizer = (Tokenizer.from_json(known["tokenizer"]) if known else
                  Tokenizer.from_captions(captions, block.conditioning.max_vocab))
+  if text:
     batches = with_captions(batches, tokenizer, class_names, block.conditioning.max_length,
                             config.seed)
   if codec.kind == "latent":
@@ -188,13 +199,17 @@ def run_diffusion(config: ml_collections.ConfigDict, stage: str, workdir: str, m
       batches = with_captions(batches, tokenizer, class_names, block.conditioning.max_length,
                               config.seed)
 
-  num_classes = len(class_names)
+  num_classes = len(class_names) if kind == "class" or init is None else 0
+  if init is not None and kind == "class":
+    finetune.check_classes(init[1], num_classes, f"config.data ({train_source.name})")
   task = DiffusionTask(config, stage, codec, num_classes, tokenizer, codec_params=codec_params,
                        lowres_resolution=low_res, cached_latents=cached)
   meta = {"latent_scale": scale, "latent_shape": list(codec.shape), "codec": codec.kind,
           "num_classes": num_classes, "class_names": class_names,
-          "tokenizer": tokenizer.to_json() if tokenizer else "",
+          "tokenizer": tokenizer.to_json() if kind == "text" else "",
           "data_fingerprint": train_source.fingerprint()}
+  if init is not None:
+    meta["init_from"] = f"{config.init_from}@{init[2]}"
   lower = _lower_stages(config, stage, workdir)
   grids = []
 
@@ -234,7 +249,8 @@ def run_diffusion(config: ml_collections.ConfigDict, stage: str, workdir: str, m
   state, last = train_stage(task, train_cfg=block.train, seed=config.seed,
                             image_shape=(config.data.image_size, config.data.channels),
                             stage_dir=stage_dir, mesh=mesh, batches=batches, on_eval=on_eval,
-                            meta=meta, train_key=f"{stage}.train")
+                            meta=meta, train_key=f"{stage}.train",
+                            initial_params=None if init is None else init[0])
   if last:  # trained in this call (not only resumed at the end)
     sr = {}
     if low_res and block.train.get("sr_eval_images", 0) > 0 and cond_is_class_or_none(block):
