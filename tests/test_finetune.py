@@ -201,3 +201,32 @@ def test_fine_tune_refusals_are_one_line(sd_workdir, tmp_path):
   assert done.returncode == 1
   assert "config.data.image_size=32 differs from the source model's 16" in done.stderr
   assert not (tmp_path / "w2" / "ldm").exists()
+
+
+def test_fine_tune_a_class_conditional_workdir_on_a_class_folder(tfds_dir, tmp_path):
+  """A class-conditional workdir fine-tunes on a folder with as many class folders as it has
+  classes (labels by sorted folder name); another number of classes is one line."""
+  from test_evaluate import tiny_ldm_workdir  # pylint: disable=g-import-not-at-top
+  source = tiny_ldm_workdir(tmp_path / "class_src", tfds_dir)
+  data = tmp_path / "classes"
+  rng = np.random.default_rng(1)
+  for c in range(10):
+    (data / f"c{c}").mkdir(parents=True)
+    for i in range(2):
+      img = np.clip(rng.normal(25 * c, 20, (32, 32)), 0, 255).astype(np.uint8)
+      Image.fromarray(img).save(data / f"c{c}" / f"{i}.png")
+  done = _train(str(tmp_path / "ft"), source, str(data), 4, "--config.finetune.train.batch_size=8")
+  assert done.returncode == 0, done.stderr[-3000:]
+  losses = _losses(str(tmp_path / "ft"))
+  assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
+  _, meta, _ = restore_eval_params(str(tmp_path / "ft" / "ldm" / "checkpoints"))
+  assert meta["num_classes"] == 10 and meta["class_names"] == [f"c{c}" for c in range(10)]
+  for c in range(3, 10):
+    for f in (data / f"c{c}").iterdir():
+      f.unlink()
+    (data / f"c{c}").rmdir()
+  done = _train(str(tmp_path / "ft3"), source, str(data), 4)
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines()[-1].endswith(
+      "has 3 classes, the source model 10: its label table would not fit (fine-tune on a "
+      "folder with as many class folders)")

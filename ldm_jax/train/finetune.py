@@ -62,6 +62,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if block.codec == "latent":
     block.autoencoder_workdir = _autoencoder_workdir(src, stage, source)
   kind = block.conditioning.kind
+  if kind not in ("text", "clip"):  # the default freezes a text encoder this model lacks
+    block.optim.frozen = tuple(f for f in block.optim.get("frozen", ()) if f != "text")
   if kind == "clip":
     tok = block.conditioning.get("tokenizer", "tokenizer")
     block.conditioning.tokenizer = os.path.join(source, tok)  # absolute stays absolute
