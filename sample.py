@@ -38,6 +38,10 @@ flags.DEFINE_list("steps", None, "Sampler steps (default: the stage's sample.ste
 flags.DEFINE_list("guidance", None, "Classifier-free guidance scale, 1 = conditional only "
                   "(default: the stage's sample.guidance; per stage: 3,1,1).")
 flags.DEFINE_list("eta", None, "DDIM stochasticity (default: the stage's sample.eta).")
+flags.DEFINE_string("lora", None, "A diffusers-format LoRA file (pytorch_lora_weights."
+                    "safetensors, or its folder) added to the UNet.")
+flags.DEFINE_float("lora_scale", 1.0, "Weight of the LoRA adapters: --lora's, or a LoRA "
+                   "workdir's own (configs/finetune.py:lora); 0 samples the base model.")
 flags.DEFINE_float("guidance_rescale", 0.0, "Guidance rescale phi in [0, 1] (Lin et al. 2023; "
                    "diffusers' guidance_rescale, for zero-terminal-SNR models); 0: off.")
 flags.DEFINE_list("thresholding", None, "What each step does to the predicted x_0: none, "
@@ -99,7 +103,10 @@ def main(argv):
   from ldm_jax.sampling_batches import write_image
   from ldm_jax import stage_settings
   try:
-    pipe = LatentDiffusionPipeline.from_workdir(FLAGS.workdir, FLAGS.step)
+    pipe = LatentDiffusionPipeline.from_workdir(FLAGS.workdir, FLAGS.step, FLAGS.lora_scale)
+    if FLAGS.lora:
+      from ldm_jax.convert import lora as lora_format
+      lora_format.apply_file(pipe, FLAGS.lora, FLAGS.lora_scale)
     edit = _edit_kwargs(pipe)
     per_stage = stage_settings.sample_kwargs(pipe, _per_stage_flags())
     kwargs = dict(

@@ -14,19 +14,22 @@ frozen. Presets:
 
   default   diffusers' train_text_to_image defaults at a small batch: AdamW 1e-5 (weight
             decay 1e-2), constant rate, EMA 0.9999, random flips
-  lora      (rank-4 adapters: not yet; see issue 21)
+  lora      LoRA (diffusers' train_text_to_image_lora defaults): rank-4 adapters on the UNet's
+            attention projections (to_q, to_k, to_v, to_out), alpha = rank, AdamW 1e-4, no
+            EMA; only the adapters are trained and saved, the base model stays in init_from
 """
 import ml_collections
 
 from ldm_jax.config_schema import mesh_block
 from ldm_jax.data import default_data_config
 from ldm_jax.errors import UserError
+from ldm_jax.models import lora
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   preset = arg or "default"
-  if preset != "default":
-    raise UserError(f"unknown preset {preset!r} for configs/finetune.py (default)")
+  if preset not in ("default", "lora"):
+    raise UserError(f"unknown preset {preset!r} for configs/finetune.py (default, lora)")
   c = ml_collections.ConfigDict()
   c.init_from = ""  # the workdir to start from (required)
   c.seed = 0
@@ -43,6 +46,11 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
                  sr_eval_images=0),
       optim=dict(lr=1e-5, warmup_steps=0, decay="constant", weight_decay=1e-2, b1=0.9,
                  b2=0.999, eps=1e-8, grad_clip=1.0, ema_decay=0.9999, frozen=("text",)),
-      sample=dict(num_samples=4)))
+      sample=dict(num_samples=4),
+      # rank 0: no LoRA (the whole UNet trains). alpha 0: alpha = rank.
+      lora=dict(rank=0, alpha=0.0, targets=lora.DEFAULT_TARGETS)))
+  if preset == "lora":
+    c.finetune.lora.update(rank=4, alpha=4.0)
+    c.finetune.optim.update(lr=1e-4, ema_decay=0.0)
   c.mesh = mesh_block()
   return c

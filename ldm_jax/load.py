@@ -12,6 +12,7 @@ from ldm_jax import workdir as workdir_lib
 from ldm_jax.checkpoint import restore_eval_params
 from ldm_jax.config_schema import AUTOENCODER
 from ldm_jax.errors import UserError
+from ldm_jax.models import lora as lora_lib
 from ldm_jax.models.builders import (TEXT_KINDS, build_autoencoder, build_text_encoder,
                                      build_unet, make_schedule)
 from ldm_jax.models.conditioning import ClipTokenizer, Tokenizer
@@ -93,12 +94,19 @@ class StageParts(NamedTuple):
 
 
 def load_stage(config: ml_collections.ConfigDict, workdir: str, stage: str,
-               step: Optional[int] = None) -> StageParts:
-  """A trained (or converted) diffusion stage: EMA parameters when trained with EMA."""
+               step: Optional[int] = None, lora_scale: float = 1.0) -> StageParts:
+  """A trained (or converted) diffusion stage: EMA parameters when trained with EMA. A LoRA
+  run's checkpoints hold its adapters: they are merged into its base model (config.init_from)
+  times `lora_scale`."""
   ckpt_dir = workdir_lib.checkpoint_dir(workdir, stage)
   if not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir)):
     raise UserError(f"no {stage} checkpoint in {workdir!r}: looked for {ckpt_dir}/<step>")
   params, meta, step = restore_eval_params(ckpt_dir, step)
+  lora = config[stage].get("lora", None)
+  if lora is not None and int(lora.rank) > 0:
+    base, _, _ = restore_eval_params(workdir_lib.checkpoint_dir(config.init_from, stage))
+    scale = float(lora_scale) * (float(lora.alpha) or int(lora.rank)) / int(lora.rank)
+    params = lora_lib.merge(base, params, scale)
   codec, codec_params = load_codec(config, stage, workdir, float(meta.get("latent_scale", 1.0)))
   if tuple(meta.get("latent_shape", codec.shape)) != tuple(codec.shape):
     raise UserError(f"{ckpt_dir}: saved for shape {meta['latent_shape']}, the config's codec "

@@ -70,25 +70,25 @@ def stage_sample_defaults(block: ml_collections.ConfigDict) -> dict:
   return {k: block.sample[k] for k in ("sampler", "steps", "guidance", "eta")}
 
 
-def from_workdir(workdir: str, step: Optional[int] = None):
+def from_workdir(workdir: str, step: Optional[int] = None, lora_scale: float = 1.0):
   """The pipeline of any trained or converted workdir: a DiffusionPipeline for an LDM or a
   pixel-space model, a CascadePipeline for a cascade. `step` picks the last stage's
-  checkpoint (default: the latest)."""
+  checkpoint (default: the latest); `lora_scale` weighs a LoRA run's adapters."""
   config = workdir_lib.read_config(workdir)
   names = workdir_lib.diffusion_stages(config)
   if not names:
     raise UserError(f"{workdir}/{workdir_lib.CONFIG_FILE} is an autoencoder-only run; sampling "
                     "needs a diffusion run (configs/ldm.py, configs/pixel.py, configs/cascade.py)")
-  return load_stages(config, workdir, names, {names[-1]: step})
+  return load_stages(config, workdir, names, {names[-1]: step}, lora_scale)
 
 
 def load_stages(config: ml_collections.ConfigDict, workdir: str, names: Sequence[str],
-                steps: Optional[dict] = None):
+                steps: Optional[dict] = None, lora_scale: float = 1.0):
   """The diffusion stages `names` of a workdir (each at `steps[name]`, default the latest
   checkpoint): a DiffusionPipeline for one, a CascadePipeline chaining several."""
   steps = steps or {}
   stages = [DiffusionPipeline.from_parts(config, load.load_stage(config, workdir, name,
-                                                                 steps.get(name)))
+                                                                 steps.get(name), lora_scale))
             for name in names]
   return stages[0] if len(stages) == 1 else CascadePipeline(stages)
 
@@ -146,9 +146,9 @@ class DiffusionPipeline:
     return {self.name: self.checkpoint_step}
 
   @classmethod
-  def from_workdir(cls, workdir: str, step: Optional[int] = None):
+  def from_workdir(cls, workdir: str, step: Optional[int] = None, lora_scale: float = 1.0):
     """Loads any workdir (see the module function `from_workdir`)."""
-    return from_workdir(workdir, step)
+    return from_workdir(workdir, step, lora_scale)
 
   # ---- the codec, by the names of the latent pipeline ----------------------------------------
   @property

@@ -111,6 +111,8 @@ def apply_file(pipe, path: str, scale: float = 1.0) -> dict:
   """Adds the adapters of a diffusers LoRA file to a loaded pipeline's parameters, times
   `scale` (diffusers' `cross_attention_kwargs={"scale": ...}` / `--lora_scale`). Returns the
   adapters (nested)."""
+  if getattr(pipe, "stages", None) is not None:
+    raise UserError("--lora adapts one stage: give a single-stage (LDM or pixel) workdir")
   state, metadata = read(path)
   adapters = from_diffusers(state, metadata, pipe.params, len(pipe.model.unet.channel_mult),
                             f"LoRA file {path}")

@@ -4,7 +4,9 @@
 
 writes model_index.json, unet/, vae/, scheduler/ (and text_encoder/, tokenizer/ for a
 CLIP-conditioned, converted Stable Diffusion workdir, which loads as StableDiffusionPipeline),
-and ldm_jax_export.json (the source workdir and step, classes, null label, guidance).
+and ldm_jax_export.json (the source workdir and step, classes, null label, guidance). A LoRA
+run (configs/finetune.py:lora) exports merged into its base model, or with --lora_only as
+diffusers' pytorch_lora_weights.safetensors.
 A class-conditional LDM trained here becomes a UNet2DModel with `num_class_embeds` = classes
 + 1 (the last row our null label for classifier-free guidance), an AutoencoderKL whose
 `scaling_factor` is our latent scale, and the scheduler of the stage's sampler
@@ -63,6 +65,29 @@ def _text_encoder_state_dict(params: dict, num_layers: int) -> dict:
     for leaf, value in leaves.items():
       out[f"{p}{name}.{leaf}"] = np.ascontiguousarray(value, np.float32)
   return out
+
+
+def export_lora(workdir: str, out: str, step: Optional[int] = None) -> str:
+  """A LoRA run's adapters as diffusers' pytorch_lora_weights.safetensors in folder `out`
+  (`pipe.load_lora_weights(out)`), alpha / rank folded into lora_B."""
+  from ldm_jax.checkpoint import restore_eval_params  # pylint: disable=g-import-not-at-top
+  from ldm_jax.convert import lora as lora_format  # pylint: disable=g-import-not-at-top
+  config = workdir_lib.read_config(workdir)
+  stages = workdir_lib.diffusion_stages(config)
+  lora = config[stages[-1]].get("lora", None) if stages else None
+  if lora is None or int(lora.rank) == 0:
+    raise UserError(f"{workdir} is not a LoRA run (configs/finetune.py:lora): --lora_only "
+                    "exports adapters")
+  name = stages[-1]
+  if os.path.exists(out):
+    raise UserError(f"{out} exists: export into a new folder")
+  adapters, _, _ = restore_eval_params(workdir_lib.checkpoint_dir(workdir, name), step)
+  base, _, _ = restore_eval_params(workdir_lib.checkpoint_dir(config.init_from, name))
+  scale = (float(lora.alpha) or int(lora.rank)) / int(lora.rank)
+  state = lora_format.to_diffusers(adapters, base, len(config[name].unet.channel_mult), scale)
+  os.makedirs(out)
+  lora_format.write(os.path.join(out, lora_format.FILE_NAME), state)
+  return "LoRA"
 
 
 def export_diffusers(workdir: str, out: str, step: Optional[int] = None) -> str:

@@ -11,15 +11,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--workdir", required=True, help="a trained or converted LDM workdir")
   p.add_argument("--out", required=True, help="the diffusers folder to write (must not exist)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+  p.add_argument("--lora_only", action="store_true", help="a LoRA run: write its adapters "
+                 "alone, as diffusers' pytorch_lora_weights.safetensors")
   args = p.parse_args(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from ldm_jax import platform  # pylint: disable=g-import-not-at-top
   platform.configure()
   platform.quiet_library_logs()
   from ldm_jax.errors import UserError  # pylint: disable=g-import-not-at-top
-  from ldm_jax.export import export_diffusers  # pylint: disable=g-import-not-at-top
+  from ldm_jax.export import export_diffusers, export_lora  # pylint: disable=g-import-not-at-top
   try:
-    kind = export_diffusers(args.workdir, args.out, args.step)
+    kind = (export_lora if args.lora_only else export_diffusers)(args.workdir, args.out,
+                                                                 args.step)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -32,6 +32,7 @@ from ldm_jax.models.builders import (TEXT_KINDS, build_text_encoder, build_unet,
                                      compute_dtype, make_schedule)
 from ldm_jax.models.conditioning import Tokenizer
 from ldm_jax.errors import UserError
+from ldm_jax.models import lora as lora_lib
 from ldm_jax.models.denoiser import DiffusionModel
 from ldm_jax.train.autoencoder import metrics_collection
 from ldm_jax.train.state import TrainState, adam_schedule
@@ -102,7 +103,11 @@ class DiffusionTask:
                              b1=o.b1, b2=o.b2, eps=o.get("eps", 1e-8),
                              weight_decay=o.weight_decay))
     self.tx = optax.chain(*chain)
-    frozen = tuple(o.get("frozen", ()))
+    lora = block.get("lora", None)
+    self.lora_rank = int(lora.rank) if lora is not None else 0
+    self.lora_scale = (float(lora.alpha) or self.lora_rank) / self.lora_rank if self.lora_rank else 1.0
+    self.lora_base = None
+    frozen = tuple(o.get("frozen", ())) if not self.lora_rank else ()
     if frozen:
       # Frozen parts (e.g. a fine-tune's CLIP text encoder) get no update and no Adam state.
       parts = ("unet",) + (("text",) if text is not None else ())
@@ -117,13 +122,33 @@ class DiffusionTask:
           lambda params: {k: "frozen" if k in frozen else "train" for k in params})
 
   def init_state(self, rng) -> TrainState:
+    if self.lora_rank:  # a LoRA run trains (and saves) its adapters alone
+      shapes = jax.eval_shape(lambda r: self.model.init(r, self.shape), rng)
+      adapters = lora_lib.init(shapes, self.lora_rank, rng, self.block.lora.targets)
+      return TrainState.create(adapters, self.tx, self.block.optim.ema_decay)
     return TrainState.create(self.model.init(rng, self.shape), self.tx, self.block.optim.ema_decay)
+
+  def set_lora_base(self, base_params) -> None:
+    """The frozen model a LoRA run adapts (on the mesh, passed to every step)."""
+    self.lora_base = base_params
+
+  def model_params(self, params, base=None):
+    """The model's parameters from a state's `params`: the adapters merged into the base
+    model for a LoRA run (scale alpha / rank), else `params` themselves."""
+    if not self.lora_rank:
+      return params
+    return lora_lib.merge(self.lora_base if base is None else base, params, self.lora_scale)
 
   def step_variant(self, step: int) -> None:
     return None
 
   def step_constants(self) -> tuple:
-    """The codec's parameters (the frozen autoencoder's, or {}): not train state."""
+    """The codec's parameters (the frozen autoencoder's, or {}) and, for a LoRA run, the
+    base model's: not train state."""
+    if self.lora_rank:
+      if self.lora_base is None:
+        raise ValueError(f"{self.name}: a LoRA run needs set_lora_base() before training")
+      return (self.codec_params, self.lora_base)
     return (self.codec_params,)
 
   def batch_keys(self) -> dict:
@@ -193,7 +218,7 @@ class DiffusionTask:
     dc, k = self.dc, self.grad_accum_steps
     loss_fn = self.loss
 
-    def micro(params, codec_params, mb, r_drop):
+    def micro(params, codec_params, mb, r_drop, base=None):
       """(loss, gradients, x_0) of one microbatch `mb` (batch entries and draws)."""
       z0 = self._x0(codec_params, mb)
       cond = self.condition(mb)
@@ -201,18 +226,21 @@ class DiffusionTask:
         cond = drop_condition(cond, self.model.null_condition(1), mb["keep"])
       if dc.lowres_resolution:
         cond = self._with_lowres(cond, z0, mb["level"], mb["aug_noise"])
-      loss, grads = jax.value_and_grad(loss_fn)(params, z0, mb["t"], mb["noise"], cond, r_drop)
+      fn = (loss_fn if not self.lora_rank else
+            lambda p, *a: loss_fn(self.model_params(p, base), *a))
+      loss, grads = jax.value_and_grad(fn)(params, z0, mb["t"], mb["noise"], cond, r_drop)
       return loss, grads, z0
 
-    def train_step(state: TrainState, batch, rng, codec_params):
+    def train_step(state: TrainState, batch, rng, codec_params, base=None):
       rng = jax.random.fold_in(rng, state.step)
       draws, r_drop = self._draws(rng, batch["image"].shape[0])
       whole = {**batch, **draws}
       if k == 1:
-        loss, grads, z0 = micro(state.params, codec_params, whole, r_drop)
+        loss, grads, z0 = micro(state.params, codec_params, whole, r_drop, base)
       else:
         loss, grads, z0 = accumulate(
-            lambda mb, i: micro(state.params, codec_params, mb, jax.random.fold_in(r_drop, i)),
+            lambda mb, i: micro(state.params, codec_params, mb, jax.random.fold_in(r_drop, i),
+                                base),
             whole, k, state.params)
       state = state.apply_gradients(grads)
       out = {"loss": loss, "grad_norm": optax.global_norm(grads),

@@ -23,7 +23,7 @@ from ldm_jax.config_schema import AUTOENCODER
 from ldm_jax.errors import UserError
 
 # configs/finetune.py's blocks that replace the source stage's own.
-STAGE_BLOCKS = ("train", "optim", "sample")
+STAGE_BLOCKS = ("train", "optim", "sample", "lora")
 
 
 def is_finetune(config: ml_collections.ConfigDict) -> bool:
@@ -57,6 +57,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   out.stages = (stage,)
   block = out[stage]
   for name in STAGE_BLOCKS:
+    if name not in block:
+      block[name] = ml_collections.ConfigDict()
     for key, value in config.finetune[name].items():
       block[name][key] = copy.deepcopy(value)
   if block.codec == "latent":

@@ -210,12 +210,20 @@ def run_diffusion(config: ml_collections.ConfigDict, stage: str, workdir: str, m
           "data_fingerprint": train_source.fingerprint()}
   if init is not None:
     meta["init_from"] = f"{config.init_from}@{init[2]}"
+  if task.lora_rank:
+    if init is None:
+      raise UserError(f"config.{stage}.lora.rank={task.lora_rank}: LoRA adapts a trained "
+                      "model; give it with config.init_from (configs/finetune.py:lora)")
+    task.set_lora_base(sharding.replicate(jax.device_get(init[0]), mesh))
+    meta["lora"] = {"rank": task.lora_rank, "alpha": float(block.lora.alpha or task.lora_rank),
+                    "targets": block.lora.targets, "base": meta["init_from"]}
   lower = _lower_stages(config, stage, workdir)
   grids = []
 
   def stage_pipeline(state) -> DiffusionPipeline:
     pipe = DiffusionPipeline(
-        codec=codec, codec_params=codec_params, model=task.model, params=state.eval_params(),
+        codec=codec, codec_params=codec_params, model=task.model,
+        params=task.model_params(state.eval_params()),
         schedule=task.schedule, parameterization=block.diffusion.parameterization,
         class_names=class_names, sample_aug_level=block.lowres.sample_aug_level, name=stage,
         thresholding=stage_thresholding(block), sample_defaults=stage_sample_defaults(block))
@@ -250,7 +258,8 @@ def run_diffusion(config: ml_collections.ConfigDict, stage: str, workdir: str, m
                             image_shape=(config.data.image_size, config.data.channels),
                             stage_dir=stage_dir, mesh=mesh, batches=batches, on_eval=on_eval,
                             meta=meta, train_key=f"{stage}.train",
-                            initial_params=None if init is None else init[0])
+                            initial_params=None if init is None or task.lora_rank
+                            else init[0])
   if last:  # trained in this call (not only resumed at the end)
     sr = {}
     if low_res and block.train.get("sr_eval_images", 0) > 0 and cond_is_class_or_none(block):
