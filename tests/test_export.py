@@ -149,3 +149,37 @@ def test_what_diffusers_cannot_hold_is_refused(class_workdir, tmp_path):
   workdir_lib.write_config(pixel_configs.get_config("smoke"), pixel)
   assert export_main([f"--workdir={pixel}", f"--out={tmp_path / 'x'}"]) == 1
   assert not os.path.exists(tmp_path / "x")
+
+
+def test_single_file_export_reads_back_through_our_compvis_converter(tmp_path):
+  """A converted tiny SD -> `--format=single_file` (.safetensors + .yaml) -> `python -m
+  ldm_jax.convert compvis` -> bit-identical parameters and the same images."""
+  pytest.importorskip("transformers", exc_type=ImportError)
+  pytest.importorskip("yaml", exc_type=ImportError)
+  import test_parity_pipeline as tpp  # pylint: disable=g-import-not-at-top
+  from ldm_jax.checkpoint import restore_eval_params  # pylint: disable=g-import-not-at-top
+  from ldm_jax.convert import stable_diffusion as sd  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  _, folder = tpp.tiny_sd(tmp_path)
+  workdir = str(tmp_path / "converted")
+  sd.convert_diffusers(folder, workdir)
+  path = str(tmp_path / "model.safetensors")
+  assert export_main([f"--workdir={workdir}", f"--out={path}", "--format=single_file"]) == 0
+  state = load_file(path)
+  # CompVis layouts: SD 1.x's transformer proj_in and the VAE's attention are 1x1 convs.
+  assert state["model.diffusion_model.input_blocks.1.1.proj_in.weight"].ndim == 4
+  assert state["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4
+  assert state["model.diffusion_model.time_embed.0.weight"].ndim == 2
+  back = str(tmp_path / "back")
+  sd.convert_compvis(path, back, str(tmp_path / "model.yaml"), os.path.join(workdir, "tokenizer"))
+  for stage in ("ldm", "autoencoder"):
+    a, _, _ = restore_eval_params(os.path.join(workdir, stage, "checkpoints"))
+    b, _, _ = restore_eval_params(os.path.join(back, stage, "checkpoints"))
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+  latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  kw = dict(sampler="ddim", steps=3, guidance=7.5, prompt=tpp.PROMPTS, latents=latents,
+            as_uint8=False)
+  x = np.asarray(LatentDiffusionPipeline.from_workdir(workdir).sample(2, **kw))
+  y = np.asarray(LatentDiffusionPipeline.from_workdir(back).sample(2, **kw))
+  np.testing.assert_array_equal(x, y)
+  assert export_main([f"--workdir={workdir}", f"--out={path}", "--format=single_file"]) == 1

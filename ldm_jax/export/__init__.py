@@ -90,6 +90,19 @@ def export_lora(workdir: str, out: str, step: Optional[int] = None) -> str:
   return "LoRA"
 
 
+def export_single_file(workdir: str, out: str, step: Optional[int] = None) -> str:
+  """The CompVis single-file checkpoint `out` (.safetensors) and its yaml of a CLIP-conditioned
+  workdir (`ldm_jax.export.single_file`)."""
+  from ldm_jax.export import single_file  # pylint: disable=g-import-not-at-top
+  config = workdir_lib.read_config(workdir)
+  stages = workdir_lib.diffusion_stages(config)
+  if len(stages) != 1:
+    raise UserError(f"{workdir}: a single file holds one latent stage, not {stages}")
+  parts = load_stage(config, workdir, stages[0], step)
+  single_file.export_single_file(config, stages[0], parts, os.path.abspath(out))
+  return "CompVis single file"
+
+
 def export_diffusers(workdir: str, out: str, step: Optional[int] = None) -> str:
   """Writes the diffusers folder of `workdir`'s LDM stage (checkpoint `step`, default the
   newest) into `out` (which must not exist yet). Returns the pipeline class it names."""

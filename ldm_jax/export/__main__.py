@@ -11,6 +11,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--workdir", required=True, help="a trained or converted LDM workdir")
   p.add_argument("--out", required=True, help="the diffusers folder to write (must not exist)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+  p.add_argument("--format", choices=("diffusers", "single_file"), default="diffusers",
+                 help="a diffusers folder, or the CompVis single-file checkpoint (--out ends "
+                 "in .safetensors; its yaml is written beside it)")
   p.add_argument("--lora_only", action="store_true", help="a LoRA run: write its adapters "
                  "alone, as diffusers' pytorch_lora_weights.safetensors")
   args = p.parse_args(argv)
@@ -19,10 +22,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   platform.configure()
   platform.quiet_library_logs()
   from ldm_jax.errors import UserError  # pylint: disable=g-import-not-at-top
-  from ldm_jax.export import export_diffusers, export_lora  # pylint: disable=g-import-not-at-top
+  from ldm_jax.export import (export_diffusers, export_lora,  # pylint: disable=g-import-not-at-top
+                              export_single_file)
+  fn = (export_lora if args.lora_only else
+        export_single_file if args.format == "single_file" else export_diffusers)
   try:
-    kind = (export_lora if args.lora_only else export_diffusers)(args.workdir, args.out,
-                                                                 args.step)
+    kind = fn(args.workdir, args.out, args.step)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
