@@ -1,8 +1,8 @@
 """Plain against memory-efficient attention (`ldm_jax.models.attention`): time and peak memory.
 
-  python benchmarks/attention.py                          # self, cross: forward and gradient
-  python benchmarks/attention.py --only=self_grad --rounds=3 --reps=3
-  python benchmarks/attention.py --only=train_attn        # the UNet train step (slow)
+  python -m benchmarks.attention                          # self, cross: forward and gradient
+  python -m benchmarks.attention --only=self_grad --rounds=3 --reps=3
+  python -m benchmarks.attention --only=train_attn        # the UNet train step (slow)
 
 Each measurement is a fresh subprocess (so that `ru_maxrss`, the process's peak resident
 memory, belongs to one program); the variants alternate, the order flipping every round.
@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 
-import timing
+from benchmarks import timing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKLOADS = {
@@ -86,7 +86,6 @@ def _train_call(jax, jnp):
 
 
 def child(name: str, variant: str, reps: int, budget: int) -> dict:
-  sys.path.insert(0, str(ROOT))
   from ldm_jax import platform  # pylint: disable=g-import-not-at-top
   platform.configure()
   import jax  # pylint: disable=g-import-not-at-top
@@ -120,7 +119,7 @@ def child(name: str, variant: str, reps: int, budget: int) -> dict:
 
 
 def measure(name: str, variant: str, reps: int, budget: int) -> dict:
-  cmd = [sys.executable, __file__, f"--child={name}:{variant}", f"--reps={reps}",
+  cmd = [*timing.module_command(__file__), f"--child={name}:{variant}", f"--reps={reps}",
          f"--budget={budget}"]
   return timing.run_child(cmd, f"{name}/{variant}")
 

@@ -1,7 +1,7 @@
 """Stage-1 train step speed on this machine, with and without ldm_jax.platform's XLA:CPU
 convolution flag, measured side by side (each in a fresh subprocess, alternating).
 
-  python benchmarks/autoencoder_step.py [--preset=default] [--steps=10] [--rounds=2]
+  python -m benchmarks.autoencoder_step [--preset=default] [--steps=10] [--rounds=2]
 
 Prints GFLOP per step (XLA cost analysis), seconds per step and achieved GFLOP/s for both
 settings, and the speed ratio.
@@ -10,19 +10,18 @@ import argparse
 import os
 import sys
 
-import timing
+from benchmarks import timing
 
 CHILD = r"""
 import os, sys, time
-sys.path.insert(0, {root!r} + '/benchmarks'); import timing
-sys.path.insert(0, {root!r}); sys.path.insert(0, {root!r} + '/configs')
+from benchmarks import timing
 if {flag}:
   from ldm_jax import platform; platform.configure()
 import jax, numpy as np
-import autoencoder as cfgs
+from configs import autoencoder as cfgs
 from ldm_jax import sharding
 from ldm_jax.checkpoint import abstract_like
-from ldm_jax.train.autoencoder import AutoencoderTask
+from ldm_jax.train.autoencoder_task import AutoencoderTask
 from ldm_jax.train.loop import StepCompiler, batch_spec
 c = cfgs.get_config({preset!r})
 mesh = sharding.make_mesh(c.mesh)

@@ -1,7 +1,7 @@
 """A trained cascade at its own best settings, and each super-resolution stage against bicubic
 upsampling (issue 20): the sanity figures a cascade must pass before it is compared.
 
-  python benchmarks/cascade_sr.py --workdir=runs/cascade --out=runs/cascade_sr.json \\
+  python -m benchmarks.cascade_sr --workdir=runs/cascade --out=runs/cascade_sr.json \\
       [--sr_images=500] [--samples_per_class=100] [--aug_levels=0,0.05,0.1,0.2]
 
 1. Every SR stage upsamples the real downsampled test images (held out) at each augmentation
@@ -19,7 +19,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from ldm_jax import platform  # noqa: E402
 
@@ -30,7 +29,7 @@ import numpy as np  # noqa: E402
 from ldm_jax import workdir as workdir_lib  # noqa: E402
 from ldm_jax.evaluation import classifier, run as eval_run, super_resolution  # noqa: E402
 from ldm_jax.evaluation.metrics import frechet_distance  # noqa: E402
-from ldm_jax.pipeline import CascadePipeline, from_workdir  # noqa: E402
+from ldm_jax.sampling import CascadePipeline, from_workdir  # noqa: E402
 
 
 def floats(text: str) -> list:
@@ -91,7 +90,7 @@ def cascade_table(pipe: CascadePipeline, judge, test_feats, args) -> list:
     log(f"cascade g={g:g} aug={level:g}: {r}")
     rows.append(r)
     if args.grid_out:
-      from ldm_jax.evaluation import images as image_io  # pylint: disable=g-import-not-at-top
+      from ldm_jax import images as image_io  # pylint: disable=g-import-not-at-top
       order = np.argsort(labels, kind="stable")
       keep = np.concatenate([order[labels[order] == c][:8] for c in range(10)])
       grid_img = image_io.make_grid(image_io.to_uint8(images[keep]), ncols=8,

@@ -1,8 +1,8 @@
 """Pixel-space vs cascaded vs latent diffusion, trained from scratch on the same data at the
 same CPU-time budget, then measured side by side in one run on one machine.
 
-  python benchmarks/compare.py --budget_minutes=40 --out=runs/compare
-  python benchmarks/compare.py --preset=smoke --budget_minutes=0.5 --out=/tmp/compare  # check
+  python -m benchmarks.compare --budget_minutes=40 --out=runs/compare
+  python -m benchmarks.compare --preset=smoke --budget_minutes=0.5 --out=/tmp/compare  # check
 
 Each system (configs/ldm.py, configs/pixel.py, configs/cascade.py, preset `--preset`) gets
 `--budget_minutes` of training, split over its stages by STAGE_SHARES: each stage's step time
@@ -28,6 +28,7 @@ budget, compare_quality.py measures the trained systems, compare_report.py draws
 """
 import argparse
 import copy
+import importlib
 import json
 import os
 import shutil
@@ -35,8 +36,6 @@ import sys
 import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "configs"))
 from ldm_jax import platform  # noqa: E402
 
 platform.configure()
@@ -47,23 +46,24 @@ from ldm_jax.checkpoint import Checkpointer  # noqa: E402
 from ldm_jax.config_schema import AUTOENCODER  # noqa: E402
 from ldm_jax.evaluation.classifier import train_judge  # noqa: E402
 from ldm_jax.evaluation.metrics import frechet_distance  # noqa: E402
-from ldm_jax.train import checks, lock, stage_autoencoder, stage_diffusion  # noqa: E402
+from ldm_jax.train import checks, lock  # noqa: E402
+from ldm_jax.train import autoencoder_stage
+from ldm_jax.train import diffusion_stage
 from ldm_jax.train import run as run_lib  # noqa: E402
 
 # The helpers below configure nothing themselves: they come after platform.configure().
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # pylint: disable=g-import-not-at-top,g-bad-import-order
-from compare_budget import apply_plan, log, plan_steps  # noqa: E402
-from compare_quality import (error_propagation, load_pipeline, measure_system,  # noqa: E402
+from benchmarks.compare_budget import apply_plan, log, plan_steps  # noqa: E402
+from benchmarks.compare_quality import (error_propagation, load_pipeline, measure_system,  # noqa: E402
                              real_images)
-from compare_report import figures, markdown  # noqa: E402
+from benchmarks.compare_report import figures, markdown  # noqa: E402
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
 SYSTEMS = ("ldm", "pixel", "cascade")
 
 
 def system_config(system: str, preset: str, data_dir: str):
-  module = __import__(system)
+  module = importlib.import_module(f"configs.{system}")
   config = workdir_lib.migrate(module.get_config(preset))
   if data_dir:
     config.data.data_dir = data_dir
@@ -104,9 +104,9 @@ def _train_stages(config, workdir: str, mesh, times: dict, on_stage) -> None:
       continue
     wall, cpu = time.perf_counter(), time.process_time()
     if stage == AUTOENCODER:
-      stage_autoencoder.run_autoencoder(config, workdir, mesh)
+      autoencoder_stage.run_autoencoder(config, workdir, mesh)
     else:
-      stage_diffusion.run_diffusion(config, stage, workdir, mesh)
+      diffusion_stage.run_diffusion(config, stage, workdir, mesh)
     times[stage] = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
     on_stage()
     log(f"trained {workdir}/{stage}: {times[stage]['wall_s']:.0f} s")
@@ -190,7 +190,7 @@ def main(argv=None):
 
   report = {"budget_minutes": args.budget_minutes, "preset": args.preset,
             "guidance": args.guidance, "steps": args.steps, "real": real, "systems": {},
-            "command": "python benchmarks/compare.py " + " ".join(sys.argv[1:] if argv is None
+            "command": "python -m benchmarks.compare " + " ".join(sys.argv[1:] if argv is None
                                                                    else argv)}
   samples, shown = {}, {}
   for system in systems:

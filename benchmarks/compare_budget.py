@@ -8,12 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import codecs, load, platform
+from ldm_jax import platform
+from ldm_jax.models import codecs
+from ldm_jax.sampling import load
 from ldm_jax.config_schema import AUTOENCODER
 from ldm_jax.models.builders import build_autoencoder
-from ldm_jax.train.autoencoder import AutoencoderTask
-from ldm_jax.train.diffusion import DiffusionTask
-from timing import xla_flops
+from ldm_jax.train.autoencoder_task import AutoencoderTask
+from ldm_jax.train.diffusion_task import DiffusionTask
+from benchmarks.timing import xla_flops
 
 # Share of a system's budget per stage (the default presets' own proportions).
 STAGE_SHARES = {

@@ -8,15 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compare_budget import log
-from ldm_jax import codecs, load
+from benchmarks.compare_budget import log
+from ldm_jax.models import codecs
+from ldm_jax.sampling import load
 from ldm_jax import data as data_lib
 from ldm_jax import workdir as workdir_lib
 from ldm_jax.evaluation.metrics import frechet_distance
 from ldm_jax.config_schema import AUTOENCODER
-from ldm_jax.pipeline import CascadePipeline, load_stages
-from ldm_jax.train.diffusion import DiffusionTask
-from timing import xla_flops
+from ldm_jax.sampling import CascadePipeline, load_stages
+from ldm_jax.train.diffusion_task import DiffusionTask
+from benchmarks.timing import xla_flops
 
 
 def count_params(tree) -> int:

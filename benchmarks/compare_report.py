@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from ldm_jax.evaluation import images as image_io
+from ldm_jax import images as image_io
 
 
 def figures(out: str, results: dict, samples: dict, shown, real: dict) -> None:

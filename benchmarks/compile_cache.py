@@ -1,6 +1,6 @@
 """Cold and warm compile times with the persistent compilation cache (ldm_jax.platform).
 
-  python benchmarks/compile_cache.py [--preset=default] [--rounds=1]
+  python -m benchmarks.compile_cache [--preset=default] [--rounds=1]
 
 Each round starts an empty cache directory and runs two fresh processes on it: the first
 compiles everything (cold, and writes the cache), the second finds it (warm). Each process
@@ -15,20 +15,20 @@ import os
 import sys
 import tempfile
 
-import timing
+from benchmarks import timing
 
 CHILD = r"""
 import os, sys, time
-sys.path.insert(0, {root!r} + '/benchmarks'); import timing
-sys.path.insert(0, {root!r}); sys.path.insert(0, {root!r} + '/configs')
+from benchmarks import timing
 from ldm_jax import platform; platform.configure()
 import jax, jax.numpy as jnp
-import ldm as cfgs
-from ldm_jax import codecs, sharding
+from configs import ldm as cfgs
+from ldm_jax import sharding
+from ldm_jax.models import codecs
 from ldm_jax.checkpoint import abstract_like
 from ldm_jax.models.builders import build_autoencoder
-from ldm_jax.pipeline import DiffusionPipeline
-from ldm_jax.train.diffusion import DiffusionTask
+from ldm_jax.sampling import DiffusionPipeline
+from ldm_jax.train.diffusion_task import DiffusionTask
 from ldm_jax.train.loop import StepCompiler, batch_spec
 c = cfgs.get_config({preset!r})
 s, ch = c.data.image_size, c.data.channels

@@ -1,6 +1,6 @@
 """Accelerator figures for docs/BENCHMARKS.md (run by benchmarks/gpu_check.sh).
 
-  python benchmarks/gpu_check.py [--dry_run] [--out=runs/gpu_check]
+  python -m benchmarks.gpu_check [--dry_run] [--out=runs/gpu_check]
 
 On the default device (one GPU), each in this process, one after another:
   train_default   stage-2 train step of configs/ldm.py:default (bf16 compute), as the loop
@@ -22,11 +22,9 @@ import pathlib
 import sys
 import time
 
-import timing
+from benchmarks import timing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "configs"))
 
 # Peak dense bf16 TFLOP/s by device kind (vendor data sheets, SXM parts).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0,
@@ -60,12 +58,13 @@ def train_step(preset: str, batch: int, dry: bool, reps: int) -> dict:
   """The stage-2 train step of configs/ldm.py:<preset> in bf16, random data and weights."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import ldm as cfgs  # pylint: disable=g-import-not-at-top
+  from configs import ldm as cfgs  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ldm_jax import codecs, platform, sharding  # pylint: disable=g-import-not-at-top
+  from ldm_jax import platform, sharding  # pylint: disable=g-import-not-at-top
+  from ldm_jax.models import codecs
   from ldm_jax.checkpoint import abstract_like  # pylint: disable=g-import-not-at-top
   from ldm_jax.models.builders import build_autoencoder  # pylint: disable=g-import-not-at-top
-  from ldm_jax.train.diffusion import DiffusionTask  # pylint: disable=g-import-not-at-top
+  from ldm_jax.train.diffusion_task import DiffusionTask  # pylint: disable=g-import-not-at-top
   from ldm_jax.train.loop import StepCompiler, batch_spec  # pylint: disable=g-import-not-at-top
   c = cfgs.get_config(preset)
   c.ldm.train.compute_dtype = "bfloat16"
@@ -115,11 +114,12 @@ def train_step(preset: str, batch: int, dry: bool, reps: int) -> dict:
 def sampler(num_samples: int, steps: int, dry: bool) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import ldm as cfgs  # pylint: disable=g-import-not-at-top
-  from ldm_jax import codecs, platform  # pylint: disable=g-import-not-at-top
+  from configs import ldm as cfgs  # pylint: disable=g-import-not-at-top
+  from ldm_jax import platform  # pylint: disable=g-import-not-at-top
+  from ldm_jax.models import codecs
   from ldm_jax.models.builders import build_autoencoder  # pylint: disable=g-import-not-at-top
-  from ldm_jax.pipeline import DiffusionPipeline  # pylint: disable=g-import-not-at-top
-  from ldm_jax.train.diffusion import DiffusionTask  # pylint: disable=g-import-not-at-top
+  from ldm_jax.sampling import DiffusionPipeline  # pylint: disable=g-import-not-at-top
+  from ldm_jax.train.diffusion_task import DiffusionTask  # pylint: disable=g-import-not-at-top
   c = cfgs.get_config("default")
   if dry:
     c.ldm.unet.update(model_channels=32, num_head_channels=16, num_res_blocks=1)
@@ -145,7 +145,7 @@ def sampler(num_samples: int, steps: int, dry: bool) -> dict:
 def sd_step(dry: bool, reps: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import ldm as cfgs  # pylint: disable=g-import-not-at-top
+  from configs import ldm as cfgs  # pylint: disable=g-import-not-at-top
   from ldm_jax import platform  # pylint: disable=g-import-not-at-top
   from ldm_jax.convert import diffusers_models as dm  # pylint: disable=g-import-not-at-top
   from ldm_jax.models.builders import build_unet  # pylint: disable=g-import-not-at-top

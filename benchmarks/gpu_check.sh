@@ -37,14 +37,14 @@ if [ -z "$DRY" ]; then
 fi
 
 # 6 minutes on a GPU; a dry run compiles everything on a CPU (minutes on 2 shared cores).
-timeout "$([ -n "$DRY" ] && echo 1200 || echo 360)" "$PY" benchmarks/gpu_check.py $DRY \
+timeout "$([ -n "$DRY" ] && echo 1200 || echo 360)" "$PY" -m benchmarks.gpu_check $DRY \
   --out="$OUT" | tee "$OUT/gpu_check.log"
 
 # 3. the input pipeline on this host's cores against what the cin256-sized step consumes
 #    (its batch / step time: 256x256 images, encoded inside the step).
 consumes=$("$PY" -c "import json; r = json.load(open('$OUT/gpu_check.json')).get('train_cin256')
 print(r['batch'] / r['sec'] if r else 0)" 2>/dev/null || echo 0)
-timeout 180 "$PY" benchmarks/input_pipeline.py --consumes="$consumes" --threads=4 \
+timeout 180 "$PY" -m benchmarks.input_pipeline --consumes="$consumes" --threads=4 \
   $([ -n "$DRY" ] && echo "--images=200 --batches=2 --workers=0,1" \
                   || echo "--images=1500 --batches=8 --workers=0,2,4") \
   --out="$OUT/input_pipeline" | tee "$OUT/input_pipeline.log" \
@@ -54,7 +54,7 @@ if [ -z "$DRY" ]; then
   if "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
     left=$(( 470 - ($(date +%s) - start) ))
     if [ "$left" -gt 60 ]; then
-      timeout "$left" "$PY" benchmarks/vs_diffusers.py --quick --device=cuda --out="$OUT" \
+      timeout "$left" "$PY" -m benchmarks.vs_diffusers --quick --device=cuda --out="$OUT" \
         | tee "$OUT/vs_diffusers.log" || echo "vs_diffusers.py stopped (time limit or error)"
     else
       echo "vs_diffusers.py skipped: ${left}s left of the 8-minute budget"
@@ -63,6 +63,6 @@ if [ -z "$DRY" ]; then
     echo "vs_diffusers.py skipped: torch with CUDA is not installed (pip install torch diffusers)"
   fi
 else
-  timeout 900 "$PY" benchmarks/vs_diffusers.py --dry_run --out="$OUT" | tee "$OUT/vs_diffusers.log"
+  timeout 900 "$PY" -m benchmarks.vs_diffusers --dry_run --out="$OUT" | tee "$OUT/vs_diffusers.log"
 fi
 echo "gpu_check.sh: done in $(( $(date +%s) - start )) s; figures in $OUT"

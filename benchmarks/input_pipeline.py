@@ -1,6 +1,6 @@
 """Decode throughput of the training input pipeline (grain) on a folder of 256x256 JPEGs.
 
-  python benchmarks/input_pipeline.py [--images=2000] [--workers=0,1,2] [--threads=2]
+  python -m benchmarks.input_pipeline [--images=2000] [--workers=0,1,2] [--threads=2]
                                       [--consumes=IMAGES_PER_S] [--out=runs/input_pipeline]
 
 Writes `--images` JPEGs (256x256 RGB, quality 90: Fashion-MNIST images enlarged, tinted and
@@ -18,13 +18,11 @@ import contextlib
 import json
 import os
 import pathlib
-import sys
 import time
 
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 FASHION = '/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz'
 

@@ -1,6 +1,6 @@
 """Single layers of the UNet train step, torch against XLA:CPU, forward and backward apart.
 
-  python benchmarks/layers_vs_torch.py [--rounds=2]
+  python -m benchmarks.layers_vs_torch [--rounds=2]
 
 What the train-step profile (vs_diffusers.py --profile) cannot say: a fusion's time in a trace
 includes waiting for the cores that concurrently running convolutions hold. Here each piece runs
@@ -16,9 +16,8 @@ convolutions also XLA without the flag), medians of 7 calls after 2 warm-ups:
 """
 import argparse
 import pathlib
-import sys
 
-import timing
+from benchmarks import timing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONV_SHAPES = ((32, 64, 64), (32, 128, 64), (16, 128, 128), (8, 128, 128))  # (size, cin, cout)
@@ -67,7 +66,6 @@ def _torch(kind: str) -> dict:
 
 
 def _jax(kind: str, flag: bool) -> dict:
-  sys.path.insert(0, str(ROOT))
   from ldm_jax import platform  # pylint: disable=g-import-not-at-top
   if flag:
     platform.configure(compilation_cache=False)
@@ -126,7 +124,7 @@ def main() -> None:
   for r in range(args.rounds):
     for kind, sides in (("conv", ["torch", "jax", "jax_noflag"]), ("gn", ["torch", "jax"])):
       for side in sides if r % 2 == 0 else sides[::-1]:
-        result = timing.run_child([sys.executable, __file__, f"--child={kind}:{side}"],
+        result = timing.run_child([*timing.module_command(__file__), f"--child={kind}:{side}"],
                                   f"{kind} ({side})")
         for name, row in result.items():
           for op, ms in row.items():

@@ -1,6 +1,6 @@
 """Sampling speed and guidance quality of a trained LDM workdir.
 
-  python benchmarks/ldm_sampling.py --workdir=runs/default [--per_class=20]
+  python -m benchmarks.ldm_sampling --workdir=runs/default [--per_class=20]
 
 Prints: the time to sample 64 images with DDIM-50 (first call, with compilation, and warm),
 the test accuracy of a small classifier trained on the training split, and the fraction of
@@ -9,10 +9,8 @@ generated samples it assigns to the requested class for guidance scales 1, 2 and
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ldm_jax import platform  # noqa: E402
 
 platform.configure()
@@ -20,7 +18,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ldm_jax.evaluation.classifier import train_classifier  # noqa: E402
-from ldm_jax.pipeline import LatentDiffusionPipeline  # noqa: E402
+from ldm_jax.sampling import LatentDiffusionPipeline  # noqa: E402
 
 
 def main():

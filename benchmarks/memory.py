@@ -1,6 +1,6 @@
 """Per-device memory of the train state and step time, for FSDP meshes of 1, 2, 4 and 8 devices.
 
-  python benchmarks/memory.py [--preset=default] [--devices=1,2,4,8] [--steps=3]
+  python -m benchmarks.memory [--preset=default] [--devices=1,2,4,8] [--steps=3]
       [--fsdp_min_size=16384] [--tensor=1]
 
 Runs the stage-1 (autoencoder + PatchGAN) step of `configs/autoencoder.py:<preset>` on meshes
@@ -12,14 +12,11 @@ the seconds per step. The global batch stays `train.batch_size` on every mesh.
 import argparse
 import os
 import pathlib
-import sys
 import time
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 ROOT = pathlib.Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "configs"))
 
 from ldm_jax import platform  # noqa: E402
 
@@ -29,11 +26,11 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-import autoencoder as ae_configs  # noqa: E402
+from configs import autoencoder as ae_configs  # noqa: E402
 from ldm_jax import sharding  # noqa: E402
 from ldm_jax.checkpoint import abstract_like  # noqa: E402
 from ldm_jax.train import loop  # noqa: E402
-from ldm_jax.train.autoencoder import AutoencoderTask  # noqa: E402
+from ldm_jax.train.autoencoder_task import AutoencoderTask  # noqa: E402
 
 
 def per_device_bytes(abstract, shardings) -> int:

@@ -5,7 +5,7 @@ No weights can be downloaded here, so the folder is a randomly initialised SD 1.
 the published shapes (UNet2DConditionModel 860M, AutoencoderKL 84M, CLIP ViT-L/14 text model
 123M) with a small BPE tokenizer vocabulary; the timings do not depend on the weight values.
 
-  .venv/bin/python benchmarks/sd_convert_sample.py --dir=/tmp/sd_bench --steps=20
+  .venv/bin/python -m benchmarks.sd_convert_sample --dir=/tmp/sd_bench --steps=20
 
 prints: the time to write the folder (diffusers, not ours), `python -m ldm_jax.convert
 diffusers` wall time, and `sample.py` wall time (process start to PNG, compile included) for
@@ -25,8 +25,7 @@ def write_sd15_folder(folder: str) -> None:
   import torch  # pylint: disable=g-import-not-at-top
   import diffusers  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(ROOT, "tests"))
-  from test_parity_pipeline import save_sd_folder, write_tokenizer  # pylint: disable=g-import-not-at-top
+  from ldm_jax.convert.reference import save_sd_folder, write_tokenizer  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   tok = write_tokenizer(os.path.join(folder, "_tok"))
   text = transformers.CLIPTextModel(transformers.CLIPTextConfig(  # SD 1.x: CLIP ViT-L/14

@@ -6,35 +6,33 @@ each measurement runs in a fresh process, the two modes alternating, and drives 
 pieces (the guarded, sharded step from `StepCompiler`, `put_batch`, the batch iterator) for
 `--steps` timed steps after `--warmup` steps. The cache is built once (timed) and reused.
 
-  python benchmarks/stage2_cache.py --rounds=3 --steps=30
+  python -m benchmarks.stage2_cache --rounds=3 --steps=30
 """
 import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
-import timing
+from benchmarks import timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def measure(mode: str, steps: int, warmup: int, workdir: str) -> dict:
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
   from ldm_jax import platform  # pylint: disable=g-import-not-at-top
   platform.configure()
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import ldm as ldm_configs  # pylint: disable=g-import-not-at-top
+  from configs import ldm as ldm_configs  # pylint: disable=g-import-not-at-top
   from ldm_jax import data as data_lib, sharding  # pylint: disable=g-import-not-at-top
   from ldm_jax.checkpoint import abstract_like  # pylint: disable=g-import-not-at-top
-  from ldm_jax.codecs import LatentCodec  # pylint: disable=g-import-not-at-top
+  from ldm_jax.models.codecs import LatentCodec  # pylint: disable=g-import-not-at-top
   from ldm_jax.models.builders import build_autoencoder  # pylint: disable=g-import-not-at-top
   from ldm_jax.train import latent_cache  # pylint: disable=g-import-not-at-top
-  from ldm_jax.train.diffusion import DiffusionTask  # pylint: disable=g-import-not-at-top
+  from ldm_jax.train.diffusion_task import DiffusionTask  # pylint: disable=g-import-not-at-top
   from ldm_jax.train.loop import StepCompiler, batch_spec, init_state  # pylint: disable=g-import-not-at-top
-  from ldm_jax.train.stage_autoencoder import train_batches  # pylint: disable=g-import-not-at-top
+  from ldm_jax.train.autoencoder_stage import train_batches  # pylint: disable=g-import-not-at-top
 
   config = ldm_configs.get_config("default")
   config.data.data_dir = os.path.join(workdir, "tfds")
@@ -94,7 +92,7 @@ def main():
   results = {"encode": [], "cache": []}
   for r in range(args.rounds):
     for mode in (("encode", "cache") if r % 2 == 0 else ("cache", "encode")):
-      row = timing.run_child([sys.executable, __file__, f"--mode={mode}", f"--steps={args.steps}",
+      row = timing.run_child([*timing.module_command(__file__), f"--mode={mode}", f"--steps={args.steps}",
                               f"--warmup={args.warmup}", f"--workdir={args.workdir}"],
                              f"round {r + 1} {mode}")
       results[mode].append(row)

@@ -3,6 +3,7 @@ peak resident memory, and the parent/child protocol of the benchmarks that measu
 in a fresh process (the child prints one `RESULT <json>` line; the parent reads the last one).
 """
 import json
+import pathlib
 import resource
 import subprocess
 import sys
@@ -53,10 +54,20 @@ def emit_result(obj) -> None:
   print(RESULT + json.dumps(obj), flush=True)
 
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def module_command(path: str) -> list:
+  """The command that runs the benchmark file `path` as a module of this package
+  (`python -m benchmarks.<name>`), as every child process is started."""
+  return [sys.executable, "-m", f"benchmarks.{pathlib.Path(path).stem}"]
+
+
 def run_child(cmd, what: str, env=None):
-  """Runs `cmd` to its end and returns the JSON of its last `RESULT ` line; exits with the
-  tail of its stderr when it fails or prints none (`what` names it in the message)."""
-  done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+  """Runs `cmd` from the repository root (so `benchmarks` and `configs` import as packages)
+  to its end and returns the JSON of its last `RESULT ` line; exits with the tail of its
+  stderr when it fails or prints none (`what` names it in the message)."""
+  done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, cwd=ROOT)
   lines = [l for l in done.stdout.splitlines() if l.startswith(RESULT)]
   if done.returncode or not lines:
     sys.exit(f"error: {what} failed with exit code {done.returncode}:\n{done.stderr[-3000:]}")

@@ -1,8 +1,8 @@
 """ldm_jax against the PyTorch reference (diffusers + torch), side by side on this machine.
 
-  python benchmarks/vs_diffusers.py --out=runs/vs_diffusers            # full, ~7 min, 2 quiet cores
-  python benchmarks/vs_diffusers.py --quick --out=runs/vs_diffusers_q  # ~3 min
-  python benchmarks/vs_diffusers.py --only=sample_default --variants=fast,plain_conv,callback
+  python -m benchmarks.vs_diffusers --out=runs/vs_diffusers            # full, ~7 min, 2 quiet cores
+  python -m benchmarks.vs_diffusers --quick --out=runs/vs_diffusers_q  # ~3 min
+  python -m benchmarks.vs_diffusers --only=sample_default --variants=fast,plain_conv,callback
 
 Every workload is ONE architecture: a diffusers config (for the default preset's models,
 translated from `configs/ldm.py` / `configs/autoencoder.py`), built as a diffusers model on the
@@ -51,15 +51,15 @@ import statistics
 import sys
 import time
 
-import timing
-from vs_diffusers_runners import VARIANTS, child
-from vs_diffusers_workloads import shrink, workloads
+from benchmarks import timing
+from benchmarks.vs_diffusers_runners import VARIANTS, child
+from benchmarks.vs_diffusers_workloads import shrink, workloads
 
 
 def measure(name: str, w: dict, side: str, device: str) -> dict:
   spec = json.dumps(dict(workload=w, side=side, device=device))
   t0 = time.time()
-  out = timing.run_child([sys.executable, os.path.abspath(__file__), "--child", spec],
+  out = timing.run_child([*timing.module_command(__file__), "--child", spec],
                          f"{name} ({side})")
   print(f"  {name:15s} {side:11s} median {statistics.median(out['secs']):8.3f} s  "
         f"first {out['first_s']:7.2f} s  peak {out['peak_mb'] / 1024:5.2f} GB  "

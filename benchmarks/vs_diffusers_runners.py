@@ -6,9 +6,9 @@ variant's XLA_FLAGS)."""
 import os
 import sys
 
-import profiles
-import timing
-from vs_diffusers_workloads import NULL_CLASSES, ROOT
+from benchmarks import profiles
+from benchmarks import timing
+from benchmarks.vs_diffusers_workloads import NULL_CLASSES
 
 # The JAX variants run_jax knows; vs_diffusers.py's docstring says what each one changes.
 VARIANTS = ("fast", "plain_conv", "callback", "one_budget", "onednn")
@@ -112,8 +112,6 @@ def _torch_conv(torch, w: dict, device: str) -> dict:
 
 
 def run_jax(w: dict, variant: str) -> dict:
-  sys.path.insert(0, str(ROOT))
-  sys.path.insert(0, str(ROOT / "configs"))
   from ldm_jax import platform  # pylint: disable=g-import-not-at-top
   if variant == "onednn":  # XLA:CPU rewrites matmuls and convolutions to oneDNN calls
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -123,8 +121,8 @@ def run_jax(w: dict, variant: str) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
 
-  import autoencoder as ae_configs  # pylint: disable=g-import-not-at-top
-  import ldm as ldm_configs  # pylint: disable=g-import-not-at-top
+  from configs import autoencoder as ae_configs  # pylint: disable=g-import-not-at-top
+  from configs import ldm as ldm_configs  # pylint: disable=g-import-not-at-top
   from ldm_jax import diffusion  # pylint: disable=g-import-not-at-top
   from ldm_jax.convert import diffusers_models as dm  # pylint: disable=g-import-not-at-top
   from ldm_jax.models import layers  # pylint: disable=g-import-not-at-top

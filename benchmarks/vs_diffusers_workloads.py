@@ -3,7 +3,6 @@ diffusers configs translated from the default preset's `configs/ldm.py` / `confi
 blocks, the table of workloads (`workloads`) and its dry-run shrinking (`shrink`)."""
 import json
 import pathlib
-import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NULL_CLASSES = 10  # the default preset's Fashion-MNIST classes; + 1 null label
@@ -43,8 +42,7 @@ def _vae_config(a, channels: int, image_size: int) -> dict:
 
 
 def workloads(quick: bool) -> dict:
-  sys.path.insert(0, str(ROOT / "configs"))
-  import ldm as ldm_configs  # pylint: disable=g-import-not-at-top
+  from configs import ldm as ldm_configs  # pylint: disable=g-import-not-at-top
   c = ldm_configs.get_config("default")
   unet, ae = c.ldm.unet.to_dict(), c.autoencoder.to_dict()
   f = 2 ** (len(ae["ch_mult"]) - 1)

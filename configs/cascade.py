@@ -10,15 +10,10 @@ trained in order by one train.py run. Presets: `configs/cascade.py:<preset>`.
   imagenet64_256  ImageNet 64x64 base + 64 -> 256 super-resolution, shaped like the published
                   CDM / Imagen models, for accelerators
 """
-import os
-import sys
-
 import ml_collections
 
+from configs import pixel as pixel_configs
 from ldm_jax.errors import UserError
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pixel as pixel_configs  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def sr_stage(resolution: int, lower: str) -> ml_collections.ConfigDict:

@@ -9,16 +9,11 @@ configs/pixel.py and configs/cascade.py). Presets: `configs/ldm.py:<preset>`.
   cin256      ImageNet-256 class-conditional LDM-4 (LDM paper, table 14: 400M UNet)
   txt2img_f8  text-to-image LDM-8 (LDM paper's LAION model shape), for accelerators
 """
-import os
-import sys
-
 import ml_collections
 
+from configs import autoencoder as autoencoder_configs
 from ldm_jax.config_schema import diffusion_stage
 from ldm_jax.errors import UserError
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import autoencoder as autoencoder_configs  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def ldm_block() -> ml_collections.ConfigDict:

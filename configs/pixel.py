@@ -6,17 +6,12 @@ the baseline of benchmarks/compare.py. The stage block is the same as an LDM's s
            mult (1, 2, 2), attention at 8x8), sized for 2 CPU cores
   smoke    a tiny model, end to end in about a minute
 """
-import os
-import sys
-
 import ml_collections
 
+from configs import autoencoder as autoencoder_configs
 from ldm_jax.config_schema import diffusion_stage
 from ldm_jax.data import default_data_config
 from ldm_jax.errors import UserError
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import autoencoder as autoencoder_configs  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def root(stages: tuple) -> ml_collections.ConfigDict:

@@ -1,6 +1,4 @@
 """The KL autoencoder, its posterior, the PatchGAN and the stage-1 losses on known inputs."""
-import sys
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +9,7 @@ from ldm_jax.losses import autoencoder as losses
 from ldm_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from ldm_jax.models.discriminator import PatchDiscriminator
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "configs"))
-import autoencoder as ae_configs  # noqa: E402
+from configs import autoencoder as ae_configs
 
 
 def test_kl_matches_closed_form_and_monte_carlo():
@@ -90,7 +87,7 @@ def test_patch_discriminator_depth(n_layers, out):
 
 @pytest.mark.parametrize("preset,params_m", [("kl_f8", 83.6), ("kl_f4", 55.3)])
 def test_accelerator_presets_build_and_initialise(preset, params_m):
-  from ldm_jax.train.autoencoder import AutoencoderTask
+  from ldm_jax.train.autoencoder_task import AutoencoderTask
   config = ae_configs.get_config(preset)
   config.data.image_size = 32  # parameters do not depend on the image size; keeps init fast
   task = AutoencoderTask(config)

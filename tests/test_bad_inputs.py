@@ -13,8 +13,7 @@ from ldm_jax.errors import UserError
 from ldm_jax.train.run import run
 
 ROOT = pathlib.Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
-import ldm as ldm_configs  # noqa: E402
+from configs import ldm as ldm_configs
 
 NUMBERS = [
     ("ldm.optim.lr", math.nan, r"config\.ldm\.optim\.lr=nan must be a finite number"),

@@ -1,6 +1,7 @@
 """Pixel space and cascades on the one diffusion stack: codecs, the super-resolution step and
 its augmentation, config checks, smoke pixel and cascade runs through train.py and sample.py,
 and benchmarks/compare.py on a tiny budget."""
+import importlib
 import json
 import os
 import pathlib
@@ -13,18 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax import codecs, diffusion, workdir as workdir_lib
+from ldm_jax import diffusion, workdir as workdir_lib
+from ldm_jax.models import codecs
 from ldm_jax.errors import UserError
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.train import checks
-from ldm_jax.train.diffusion import DiffusionTask, lowres_condition
+from ldm_jax.train.diffusion_task import DiffusionTask, lowres_condition
 from ldm_jax.train.loop import init_state
 from ldm_jax.train.writers import read_jsonl
 
 ROOT = pathlib.Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
-import cascade as cascade_configs  # noqa: E402
-import ldm as ldm_configs  # noqa: E402
+from configs import cascade as cascade_configs
+from configs import ldm as ldm_configs
 
 
 def _images(n=2, size=32, seed=0):
@@ -219,7 +220,7 @@ def test_cascade_sample_cli_same_seed_same_png(cascade_workdir, tmp_path, sample
 
 
 def test_cascade_pipeline_chains_stages_with_runtime_guidance_and_aug_level(cascade_workdir):
-  from ldm_jax.pipeline import CascadePipeline, LatentDiffusionPipeline
+  from ldm_jax.sampling import CascadePipeline, LatentDiffusionPipeline
   pipe = LatentDiffusionPipeline.from_workdir(str(cascade_workdir))
   assert isinstance(pipe, CascadePipeline) and pipe.image_size == 32
   kw = dict(steps=3, seed=0, labels=[1, 2, 3, 4], as_uint8=False)
@@ -255,13 +256,13 @@ def test_smoke_pixel_model_trains_and_samples(tfds_dir, tmp_path, sample_cli):
 
 def test_compare_runs_on_a_tiny_budget(tfds_dir, tmp_path):
   out = tmp_path / "compare"
-  cmd = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--preset=smoke",
+  cmd = [sys.executable, "-m", "benchmarks.compare", "--preset=smoke",
          "--budget_minutes=0.05", f"--out={out}", f"--data_dir={tfds_dir}", "--points=2",
          "--samples_per_class=2", "--curve_per_class=1", "--steps=3", "--batch=10",
          "--loss_images=20", "--loss_repeats=1", "--propagation_per_class=1",
          "--aug_levels=0,0.2", "--classifier_epochs=1",
          "--classifier_images=2000"]
-  done = subprocess.run(cmd, capture_output=True, text=True)
+  done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
   assert done.returncode == 0, done.stderr[-4000:]
   report = json.loads((out / "compare.json").read_text())
   assert set(report["systems"]) == {"ldm", "pixel", "cascade"}
@@ -293,8 +294,8 @@ def test_compare_runs_on_a_tiny_budget(tfds_dir, tmp_path):
 def test_presets_build_with_their_stage_shapes(config_name, preset, expected):
   """Every stage of the presets builds (shapes only) at its resolution; parameter counts in
   millions within the published models' range for the accelerator preset."""
-  from ldm_jax import load
-  config = workdir_lib.migrate(__import__(config_name).get_config(preset))
+  from ldm_jax.sampling import load
+  config = workdir_lib.migrate(importlib.import_module(f"configs.{config_name}").get_config(preset))
   checks.check_stages(config)
   for stage, (lo, hi) in expected.items():
     size = load.stage_resolution(config, stage)
@@ -337,8 +338,8 @@ def test_super_resolution_stages_do_not_amplify_their_error_into_x0(preset):
 
 
 def test_cascade_stage_settings_per_stage_and_defaults(cascade_workdir):
-  from ldm_jax import stage_settings
-  from ldm_jax.pipeline import LatentDiffusionPipeline
+  from ldm_jax.sampling import settings as stage_settings
+  from ldm_jax.sampling import LatentDiffusionPipeline
   pipe = LatentDiffusionPipeline.from_workdir(str(cascade_workdir))
   own = pipe.stage_settings()
   # Each stage's own config: the base guided, SR stages unguided, pixels clipped, aug levels.

@@ -245,7 +245,7 @@ def test_karras_folder_samples_like_diffusers(tmp_path):
   diffusers = pytest.importorskip("diffusers", exc_type=ImportError)
   pytest.importorskip("transformers", exc_type=ImportError)
   import test_parity_pipeline as tpp  # pylint: disable=g-import-not-at-top
-  from ldm_jax.pipeline import LatentDiffusionPipeline  # pylint: disable=g-import-not-at-top
+  from ldm_jax.sampling import LatentDiffusionPipeline  # pylint: disable=g-import-not-at-top
   ref_pipe, folder = tpp.tiny_sd(tmp_path)
   karras = diffusers.DPMSolverMultistepScheduler(
       num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -298,7 +298,7 @@ def test_scheduler_folder_samples_like_diffusers(tmp_path, kind):
   diffusers = pytest.importorskip("diffusers", exc_type=ImportError)
   pytest.importorskip("transformers", exc_type=ImportError)
   import test_parity_pipeline as tpp  # pylint: disable=g-import-not-at-top
-  from ldm_jax.pipeline import LatentDiffusionPipeline  # pylint: disable=g-import-not-at-top
+  from ldm_jax.sampling import LatentDiffusionPipeline  # pylint: disable=g-import-not-at-top
   ref_pipe, folder = tpp.tiny_sd(tmp_path)
   common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                 beta_schedule="scaled_linear")

@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).parents[1]
-LOCAL = {"ldm_jax", "autoencoder", "cascade", "ldm", "pixel"}  # our package and the configs
+LOCAL = {"ldm_jax", "configs"}  # our package and the presets
 RUNTIME = {
     # jax's persistent compilation cache needs it once a size limit is set (ldm_jax/platform.py
     # sets one): without it the cache directory stays empty and jax warns on every start.

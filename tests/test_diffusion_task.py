@@ -1,6 +1,4 @@
 """The stage-2 step on its own: text conditioning end to end, condition dropout."""
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,13 +7,12 @@ import numpy as np
 from ldm_jax.data import CLASS_NAMES
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.conditioning import Tokenizer, fashion_mnist_captions
-from ldm_jax.codecs import LatentCodec
-from ldm_jax.train.diffusion import DiffusionTask, drop_condition
-from ldm_jax.train.stage_diffusion import (caption_vocabulary, sample_prompts, training_captions,
+from ldm_jax.models.codecs import LatentCodec
+from ldm_jax.train.diffusion_task import DiffusionTask, drop_condition
+from ldm_jax.train.diffusion_stage import (caption_vocabulary, sample_prompts, training_captions,
                                      with_captions)
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "configs"))
-import ldm as ldm_configs  # noqa: E402
+from configs import ldm as ldm_configs
 
 
 def test_drop_condition_replaces_dropped_examples_only():

@@ -10,7 +10,6 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -22,8 +21,7 @@ from ldm_jax.train.run import run
 from ldm_jax.train.writers import read_jsonl
 
 ROOT = pathlib.Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
-import autoencoder as ae_configs  # noqa: E402
+from configs import autoencoder as ae_configs
 
 
 def _config(tfds_dir):

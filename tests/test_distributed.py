@@ -1,7 +1,6 @@
 """Meshes and faults in one process (8 fake CPU devices): partition rules, sharded == single
 device, the non-finite guard, and restoring a checkpoint onto other meshes."""
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,11 +13,10 @@ from ldm_jax import platform, sharding
 from ldm_jax.checkpoint import Checkpointer, abstract_like
 from ldm_jax.errors import UserError
 from ldm_jax.train import loop
-from ldm_jax.train.autoencoder import AutoencoderTask
+from ldm_jax.train.autoencoder_task import AutoencoderTask
 
 ROOT = pathlib.Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
-import autoencoder as ae_configs  # noqa: E402
+from configs import autoencoder as ae_configs
 
 
 def tiny_config(**train):
@@ -214,10 +212,10 @@ def test_stage2_meshes_give_the_same_losses_as_one_device():
   from ldm_jax.data import CLASS_NAMES
   from ldm_jax.models.autoencoder import AutoencoderKL
   from ldm_jax.models.conditioning import Tokenizer, fashion_mnist_captions
-  from ldm_jax.codecs import LatentCodec
-  from ldm_jax.train.diffusion import DiffusionTask
-  from ldm_jax.train.stage_diffusion import caption_vocabulary
-  import ldm as ldm_configs  # noqa: E402  pylint: disable=g-import-not-at-top
+  from ldm_jax.models.codecs import LatentCodec
+  from ldm_jax.train.diffusion_task import DiffusionTask
+  from ldm_jax.train.diffusion_stage import caption_vocabulary
+  from configs import ldm as ldm_configs
   config = ldm_configs.get_config("text")
   config.ldm.unet.update(model_channels=16, num_res_blocks=1, attention_levels=(1,),
                          num_head_channels=8, num_groups=8)
@@ -264,9 +262,10 @@ def test_stage2_meshes_give_the_same_losses_as_one_device():
 def test_super_resolution_stage_meshes_give_the_same_losses_as_one_device():
   """A cascade's SR step (pixel codec, low-resolution conditioning with augmentation) on a
   data x fsdp mesh equals one device: the same loop, shardings and guard as the LDM."""
-  from ldm_jax import codecs, workdir as workdir_lib
-  from ldm_jax.train.diffusion import DiffusionTask
-  import cascade as cascade_configs  # noqa: E402  pylint: disable=g-import-not-at-top
+  from ldm_jax import workdir as workdir_lib
+  from ldm_jax.models import codecs
+  from ldm_jax.train.diffusion_task import DiffusionTask
+  from configs import cascade as cascade_configs
   config = workdir_lib.migrate(cascade_configs.get_config("smoke"))
   config.sr16.optim.update(warmup_steps=1, eps=1e-4)
   config.mesh.fsdp_min_size = 64

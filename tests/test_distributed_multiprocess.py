@@ -17,12 +17,11 @@ import pytest
 
 from ldm_jax import data as data_lib
 from ldm_jax.checkpoint import Checkpointer, abstract_like
-from ldm_jax.train.autoencoder import AutoencoderTask
+from ldm_jax.train.autoencoder_task import AutoencoderTask
 from ldm_jax.train.writers import read_jsonl
 
 ROOT = pathlib.Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
-import autoencoder as ae_configs  # noqa: E402
+from configs import autoencoder as ae_configs
 
 STEPS = 12
 OVERRIDES = {

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 
 from ldm_jax import platform
-from ldm_jax import sampling_batches as sb
+from ldm_jax.sampling import batches as sb
+from ldm_jax.sampling import sinks
 from ldm_jax import workdir as workdir_lib
 from ldm_jax.convert.workdir import save_params
 from ldm_jax.errors import UserError
-from ldm_jax.load import build_model
+from ldm_jax.sampling.load import build_model
 from ldm_jax.models.builders import build_autoencoder
 
 ROOT = pathlib.Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
-import ldm as ldm_configs  # noqa: E402
+from configs import ldm as ldm_configs
 
 
 def tiny_ldm_workdir(workdir, data_dir) -> str:
@@ -55,7 +55,7 @@ def tiny_workdir(tfds_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_pipe(tiny_workdir):
-  from ldm_jax.pipeline import from_workdir
+  from ldm_jax.sampling import from_workdir
   return from_workdir(tiny_workdir)
 
 
@@ -66,7 +66,7 @@ def test_batches_are_restartable_and_independent_of_interruption(tiny_pipe, tmp_
   plan = sb.BatchPlan(num_samples=5, batch_size=2, seed=7)  # 3 batches, the last one cut
   settings = sb.settings_of("w", plan, **SAMPLE)
   folder = str(tmp_path / "pngs")
-  sb.run_to_sink(tiny_pipe, plan, sb.PngDirSink(folder, plan, settings), **SAMPLE)
+  sb.run_to_sink(tiny_pipe, plan, sinks.PngDirSink(folder, plan, settings), **SAMPLE)
   names = sorted(n for n in os.listdir(folder) if n.endswith(".png"))
   assert names == [f"{i:06d}.png" for i in range(5)]
   full = {n: (tmp_path / "pngs" / n).read_bytes() for n in names}
@@ -82,7 +82,7 @@ def test_batches_are_restartable_and_independent_of_interruption(tiny_pipe, tmp_
 
   tiny_pipe.sample = counting
   try:
-    sb.run_to_sink(tiny_pipe, plan, sb.PngDirSink(folder, plan, settings), **SAMPLE)
+    sb.run_to_sink(tiny_pipe, plan, sinks.PngDirSink(folder, plan, settings), **SAMPLE)
   finally:
     del tiny_pipe.sample
   assert calls == [sb.batch_seed(7, 1)]
@@ -96,7 +96,7 @@ def test_batches_are_restartable_and_independent_of_interruption(tiny_pipe, tmp_
   np.testing.assert_array_equal(labels, np.arange(23) % 10)
   # Other settings never mix into the folder.
   with pytest.raises(UserError, match=r"other settings \(seed: 7 there, 8 now\)"):
-    sb.PngDirSink(folder, plan, {**settings, "seed": 8})
+    sinks.PngDirSink(folder, plan, {**settings, "seed": 8})
 
   # One .npz: a run interrupted after its first batch, restarted, equals the PNGs above.
   path = str(tmp_path / "s.npz")
@@ -109,12 +109,12 @@ def test_batches_are_restartable_and_independent_of_interruption(tiny_pipe, tmp_
   tiny_pipe.sample = dying
   try:
     with pytest.raises(KeyboardInterrupt):
-      sb.run_to_sink(tiny_pipe, plan, sb.NpzSink(path, plan, settings), **SAMPLE)
+      sb.run_to_sink(tiny_pipe, plan, sinks.NpzSink(path, plan, settings), **SAMPLE)
   finally:
     del tiny_pipe.sample
   assert sorted(os.listdir(path + ".parts")) == ["batch_000000.npz", "sampling.json"]
-  sb.run_to_sink(tiny_pipe, plan, sb.NpzSink(path, plan, settings), **SAMPLE)
-  images, got_labels = sb.read_samples(path)
+  sb.run_to_sink(tiny_pipe, plan, sinks.NpzSink(path, plan, settings), **SAMPLE)
+  images, got_labels = sinks.read_samples(path)
   from PIL import Image
   want = np.stack([np.asarray(Image.open(os.path.join(folder, n))) for n in names])
   np.testing.assert_array_equal(images[..., 0], want)
@@ -131,18 +131,23 @@ def test_default_batch_size_fits_memory(tiny_pipe):
 
 
 def test_progress_line_has_count_rate_and_eta():
+  """A batched run reports through console.Progress (the one progress line), counting images
+  from where a resumed run starts."""
   import io
-  clock = iter([0.0, 10.0, 20.0]).__next__
+  now = [0.0]
   out = io.StringIO()
-  p = sb.BatchProgress(out, clock=clock)
+  p = sb.BatchProgress(out, clock=lambda: now[0])
   plan = sb.BatchPlan(30, 10)
   p.start(plan, done=1)
+  now[0] = 10.0
   p.batch_done(1, 10)
+  now[0] = 20.0
   p.batch_done(2, 10)
-  lines = out.getvalue().splitlines()
-  assert lines[0] == "sampling: 1 of 3 batches already on disk, resuming"
-  assert lines[1] == "sampling: 20/30 images (batch 2/3)  1.00 images/s  ETA 10s"
-  assert lines[2] == "sampling: 30/30 images (batch 3/3)  1.00 images/s  ETA 0s"
+  assert out.getvalue().splitlines() == [
+      "sampling: 1 of 3 batches already on disk, resuming",
+      "sampling  image 10/30",
+      "sampling  image 20/30  1 images/s  ETA 10s",
+      "sampling  image 30/30  1 images/s  done"]
 
 
 def _random_inception_npz(path):
@@ -182,7 +187,7 @@ def test_evaluate_writes_every_metric_and_same_seed_same_numbers(tiny_workdir, t
   first["classifier"].pop("cached")
   for key in ("classifier", "inception"):
     assert second[key] == first[key], key
-  images, labels = sb.read_samples(os.path.join(tiny_workdir, "eval_0_samples.npz"))
+  images, labels = sinks.read_samples(os.path.join(tiny_workdir, "eval_0_samples.npz"))
   assert images.shape == (12, 32, 32, 1) and images.dtype == np.uint8
   np.testing.assert_array_equal(labels, np.arange(12) % 10)
   with pytest.raises(UserError, match="num_samples=0"):

@@ -3,8 +3,6 @@ loads and samples with the images ldm_jax makes, and that our converter reads ba
 same parameters."""
 import json
 import os
-import pathlib
-import sys
 
 import jax
 import numpy as np
@@ -19,13 +17,12 @@ from ldm_jax.convert import diffusers_models as dm  # noqa: E402
 from ldm_jax.convert.workdir import save_params  # noqa: E402
 from ldm_jax.convert.weights import load_component  # noqa: E402
 from ldm_jax.export.__main__ import main as export_main  # noqa: E402
-from ldm_jax.load import build_model  # noqa: E402
+from ldm_jax.sampling.load import build_model  # noqa: E402
 from ldm_jax.models.builders import build_autoencoder  # noqa: E402
-from ldm_jax.pipeline import LatentDiffusionPipeline  # noqa: E402
+from ldm_jax.sampling import LatentDiffusionPipeline  # noqa: E402
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "configs"))  # as the other tests
-import ldm as ldm_configs  # noqa: E402
-import pixel as pixel_configs  # noqa: E402
+from configs import ldm as ldm_configs
+from configs import pixel as pixel_configs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 NUM_CLASSES = 10

@@ -127,11 +127,10 @@ def test_first_step_loss_equals_diffusers_training_loss(sd_workdir):
   timesteps: latents = vae.encode(x).latent_dist sampled * scaling_factor, add_noise, the
   UNet on the text encoder's last hidden state, MSE against the noise."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from ldm_jax.pipeline import LatentDiffusionPipeline  # pylint: disable=g-import-not-at-top
+  from ldm_jax.sampling import LatentDiffusionPipeline  # pylint: disable=g-import-not-at-top
   from ldm_jax.train import finetune  # pylint: disable=g-import-not-at-top
-  from ldm_jax.train.diffusion import DiffusionTask  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, str(ROOT / "configs"))
-  import finetune as finetune_configs  # pylint: disable=g-import-not-at-top
+  from ldm_jax.train.diffusion_task import DiffusionTask  # pylint: disable=g-import-not-at-top
+  from configs import finetune as finetune_configs
   ref, source = sd_workdir
   cfg = finetune_configs.get_config()
   cfg.init_from = source

@@ -1,6 +1,4 @@
 """Gradient accumulation: k in-step microbatches equal the step on the whole batch."""
-import pathlib
-import sys
 
 import jax
 import numpy as np
@@ -8,16 +6,15 @@ import pytest
 
 from ldm_jax import platform, sharding
 from ldm_jax.checkpoint import abstract_like
-from ldm_jax.codecs import LatentCodec
+from ldm_jax.models.codecs import LatentCodec
 from ldm_jax.errors import UserError
 from ldm_jax.models.builders import build_autoencoder
 from ldm_jax.train import checks
-from ldm_jax.train.diffusion import DiffusionTask, split_microbatches
+from ldm_jax.train.diffusion_task import DiffusionTask, split_microbatches
 from ldm_jax.train.loop import StepCompiler, batch_spec, init_state
-from ldm_jax.train.stage_diffusion import check_microbatches
+from ldm_jax.train.diffusion_stage import check_microbatches
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "configs"))
-import ldm as ldm_configs  # noqa: E402
+from configs import ldm as ldm_configs
 
 BATCH = 16
 

@@ -2,7 +2,7 @@
 labelled in a margin."""
 import numpy as np
 
-from ldm_jax.evaluation.images import make_grid
+from ldm_jax.images import make_grid
 
 
 def test_small_images_are_enlarged_to_the_minimum_width_pixel_for_pixel():

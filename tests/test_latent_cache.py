@@ -5,7 +5,6 @@ import logging
 import os
 import pathlib
 import shutil
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,14 +14,13 @@ from PIL import Image
 from ldm_jax import data as data_lib
 from ldm_jax import sharding
 from ldm_jax.checkpoint import Checkpointer
-from ldm_jax.codecs import LatentCodec
+from ldm_jax.models.codecs import LatentCodec
 from ldm_jax.models.builders import build_autoencoder
 from ldm_jax.train import latent_cache
-from ldm_jax.train.stage_diffusion import run_diffusion
+from ldm_jax.train.diffusion_stage import run_diffusion
 from ldm_jax.train.writers import read_jsonl
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "configs"))
-import ldm as ldm_configs  # noqa: E402
+from configs import ldm as ldm_configs
 
 NUM_IMAGES = 24
 

@@ -11,8 +11,7 @@ import pytest
 from ldm_jax.train.writers import read_jsonl
 
 ROOT = pathlib.Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
-import ldm as ldm_configs  # noqa: E402
+from configs import ldm as ldm_configs
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +75,7 @@ def test_sample_cli_missing_workdir_is_one_line(tmp_path):
 
 
 def test_pipeline_guidance_one_and_runtime_values(smoke_workdir):
-  from ldm_jax.pipeline import LatentDiffusionPipeline
+  from ldm_jax.sampling import LatentDiffusionPipeline
   pipe = LatentDiffusionPipeline.from_workdir(str(smoke_workdir))
   a = pipe.sample(4, steps=4, guidance=1.0, seed=0, labels=[1, 2, 3, 4], as_uint8=False)
   b = pipe.sample(4, steps=4, guidance=2.0, seed=0, labels=[1, 2, 3, 4], as_uint8=False)
@@ -100,10 +99,10 @@ def test_pipeline_guidance_one_and_runtime_values(smoke_workdir):
 @pytest.mark.parametrize("preset", ["default", "text", "cin256", "txt2img_f8"])
 def test_presets_build_and_initialise(preset):
   from ldm_jax.models.conditioning import Tokenizer
-  from ldm_jax.train.autoencoder import AutoencoderTask
-  from ldm_jax.codecs import LatentCodec
-  from ldm_jax.train.diffusion import DiffusionTask
-  from ldm_jax.train.stage_diffusion import caption_vocabulary
+  from ldm_jax.train.autoencoder_task import AutoencoderTask
+  from ldm_jax.models.codecs import LatentCodec
+  from ldm_jax.train.diffusion_task import DiffusionTask
+  from ldm_jax.train.diffusion_stage import caption_vocabulary
   from ldm_jax.data import CLASS_NAMES
   config = ldm_configs.get_config(preset)
   ae = AutoencoderTask(config).model

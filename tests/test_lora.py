@@ -41,7 +41,7 @@ def _diffusers_images(folder, lora_dir, prompts, latents, scale=1.0):
 
 
 def _ours(workdir, lora_file, prompts, latents, scale=1.0):
-  from ldm_jax.pipeline import LatentDiffusionPipeline  # pylint: disable=g-import-not-at-top
+  from ldm_jax.sampling import LatentDiffusionPipeline  # pylint: disable=g-import-not-at-top
   pipe = LatentDiffusionPipeline.from_workdir(workdir)
   if lora_file is not None:
     lora_format.apply_file(pipe, lora_file, scale)
@@ -88,7 +88,7 @@ def test_a_diffusers_lora_file_samples_as_load_lora_weights(sd, tmp_path, rank, 
 
 
 def test_our_adapters_saved_in_diffusers_format_load_in_diffusers(sd, tmp_path):
-  from ldm_jax.pipeline import LatentDiffusionPipeline  # pylint: disable=g-import-not-at-top
+  from ldm_jax.sampling import LatentDiffusionPipeline  # pylint: disable=g-import-not-at-top
   folder, workdir, prompts = sd
   pipe = LatentDiffusionPipeline.from_workdir(workdir)
   adapters = lora_lib.init(pipe.params, 2, jax.random.key(0))
@@ -114,7 +114,7 @@ def test_our_adapters_saved_in_diffusers_format_load_in_diffusers(sd, tmp_path):
 
 
 def test_lora_files_that_do_not_fit_are_one_line(sd, tmp_path):
-  from ldm_jax.pipeline import LatentDiffusionPipeline  # pylint: disable=g-import-not-at-top
+  from ldm_jax.sampling import LatentDiffusionPipeline  # pylint: disable=g-import-not-at-top
   _, workdir, _ = sd
   pipe = LatentDiffusionPipeline.from_workdir(workdir)
   n = len(pipe.model.unet.channel_mult)
@@ -142,7 +142,7 @@ def test_lora_fine_tune_trains_and_saves_adapters_only(sd, tmp_path):
   from test_finetune import ROOT, _losses, captioned_folder  # pylint: disable=g-import-not-at-top
   from ldm_jax.checkpoint import restore_eval_params  # pylint: disable=g-import-not-at-top
   from ldm_jax.export.__main__ import main as export_main  # pylint: disable=g-import-not-at-top
-  from ldm_jax.pipeline import LatentDiffusionPipeline  # pylint: disable=g-import-not-at-top
+  from ldm_jax.sampling import LatentDiffusionPipeline  # pylint: disable=g-import-not-at-top
   folder, source, prompts = sd
   data = captioned_folder(tmp_path / "data")
 

@@ -49,7 +49,7 @@ def test_values_and_gradients_match_flax(shape, groups, affine, silu):
 
 def test_module_keeps_flax_parameters_and_computes_in_dtype():
   x = jax.random.normal(jax.random.key(1), (2, 4, 4, 32))
-  ours = layers.group_norm(32, 8, dtype=jnp.bfloat16)
+  ours = layers.group_norm_layer(32, 8, dtype=jnp.bfloat16)
   params = ours.init(jax.random.key(2), x)["params"]
   flax_params = nn.GroupNorm(num_groups=8).init(jax.random.key(2), x)["params"]
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, flax_params)

@@ -8,9 +8,7 @@ CompVis -> diffusers converter (`single_file_utils`) must map them back exactly,
 CompVis names are checked by diffusers, not only by us.
 """
 import functools
-import pathlib
 import re
-import sys
 import warnings
 
 import jax
@@ -27,12 +25,11 @@ from ldm_jax.convert.torch_params import Fused, params_from_state_dict  # noqa: 
 from ldm_jax.errors import UserError  # noqa: E402
 from ldm_jax.models import layers  # noqa: E402
 from ldm_jax.models.unet import UNet  # noqa: E402
-from ldm_jax.train.autoencoder import build_autoencoder  # noqa: E402
-from ldm_jax.train.diffusion import build_unet  # noqa: E402
+from ldm_jax.train.autoencoder_task import build_autoencoder  # noqa: E402
+from ldm_jax.train.diffusion_task import build_unet  # noqa: E402
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "configs"))
-import autoencoder as ae_configs  # noqa: E402
-import ldm as ldm_configs  # noqa: E402
+from configs import autoencoder as ae_configs
+from configs import ldm as ldm_configs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

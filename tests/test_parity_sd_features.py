@@ -8,7 +8,6 @@ Both sides start from the same numbers: init latents and noise are drawn with to
 generator exactly as the diffusers pipeline draws them, and given to ours as `init_latents`
 and `latents`; our own VAE encoding is checked against diffusers' separately."""
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +18,13 @@ torch = pytest.importorskip("torch", exc_type=ImportError)
 diffusers = pytest.importorskip("diffusers", exc_type=ImportError)
 pytest.importorskip("transformers", exc_type=ImportError)
 
-from ldm_jax import codecs, sample_inputs  # noqa: E402
+from ldm_jax.models import codecs  # noqa: E402
+from ldm_jax.sampling import inputs as sample_inputs
 from ldm_jax.convert.__main__ import main as convert_main  # noqa: E402
 from ldm_jax.errors import UserError  # noqa: E402
-from ldm_jax.evaluation.images import make_grid, save_png, to_uint8  # noqa: E402
-from ldm_jax.pipeline import DiffusionPipeline  # noqa: E402
-from ldm_jax.pipeline_runs import sample_rows  # noqa: E402
+from ldm_jax.images import make_grid, save_png, to_uint8  # noqa: E402
+from ldm_jax.sampling import DiffusionPipeline  # noqa: E402
+from ldm_jax.sampling.runs import sample_rows  # noqa: E402
 from test_parity_pipeline import PROMPTS, tiny_sd  # noqa: E402  (the shared tiny model)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -213,10 +213,10 @@ def random_params(init_fn, seed: int):
 def class_pipe():
   """A random class-conditional LDM of the smoke preset's shape (32x32x1 images, 8x8x4
   latents) with a smaller UNet (two levels)."""
-  sys.path.insert(0, str(ROOT / "configs"))
-  import ldm as ldm_configs  # pylint: disable=g-import-not-at-top
-  from ldm_jax import load  # pylint: disable=g-import-not-at-top
-  from ldm_jax.models.builders import build_autoencoder, make_schedule  # noqa
+  from configs import ldm as ldm_configs
+  from ldm_jax.sampling import load  # pylint: disable=g-import-not-at-top
+  from ldm_jax.diffusion.schedules import stage_schedule  # pylint: disable=g-import-not-at-top
+  from ldm_jax.models.builders import build_autoencoder  # pylint: disable=g-import-not-at-top
   config = ldm_configs.get_config("smoke")
   config.ldm.unet.update(channel_mult=(1, 2), attention_levels=(1,))
   size, channels = int(config.data.image_size), int(config.data.channels)
@@ -227,7 +227,7 @@ def class_pipe():
   return DiffusionPipeline(
       codec=codec, codec_params=random_params(lambda: ae.init(jax.random.key(0), x)["params"], 0),
       model=model, params=random_params(lambda: model.init(jax.random.key(0), codec.shape), 1),
-      schedule=make_schedule(config.ldm), class_names=[f"c{i}" for i in range(10)])
+      schedule=stage_schedule(config.ldm), class_names=[f"c{i}" for i in range(10)])
 
 
 def scheduler_loop(eps_fn, scheduler, z0, noise, steps, strength, mask=None):

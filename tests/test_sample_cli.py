@@ -15,8 +15,7 @@ from ldm_jax import workdir as workdir_lib
 from ldm_jax.errors import UserError
 
 ROOT = pathlib.Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT))
-import sample  # noqa: E402  (defines sample.py's flags on absl's FLAGS)
+from ldm_jax.cli import sample  # defines sample.py's flags on absl's FLAGS
 
 BAD_FLAGS = [
     (["--num_samples=0"], r"--num_samples=0 must be at least 1"),
@@ -79,7 +78,7 @@ def test_jpeg_grid_and_restartable_png_folder(tiny_workdir, tmp_path):
   done = _run(tiny_workdir, "--num_samples=5", "--batch_size=2", f"--out_dir={out}")
   names = sorted(p.name for p in out.iterdir())
   assert names == [f"{i:06d}.png" for i in range(5)] + ["sampling.json"]
-  assert "5/5 images (batch 3/3)" in done.stderr and "ETA" in done.stderr
+  assert "sampling  image 5/5" in done.stderr and "ETA" in done.stderr
   before = {n: (out / n).read_bytes() for n in names}
   (out / "000004.png").unlink()  # the last batch was lost: only it is sampled again
   done = _run(tiny_workdir, "--num_samples=5", "--batch_size=2", f"--out_dir={out}")

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax import codecs
+from ldm_jax.models import codecs
 from ldm_jax.evaluation import super_resolution as srl
 
 

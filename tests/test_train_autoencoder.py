@@ -13,8 +13,7 @@ from ldm_jax.train.run import run
 from ldm_jax.train.writers import read_jsonl
 
 ROOT = pathlib.Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
-import autoencoder as ae_configs  # noqa: E402
+from configs import autoencoder as ae_configs
 
 
 def tiny_config(tfds_dir, **train):

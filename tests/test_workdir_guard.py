@@ -20,12 +20,12 @@ from ldm_jax.errors import UserError
 from ldm_jax.train import config_change, lock
 from ldm_jax.train.run import keep_config, run
 
+from configs import autoencoder as ae_configs
+from configs import cascade as cascade_configs
+from configs import ldm as ldm_configs
+from configs import pixel as pixel_configs
+
 ROOT = pathlib.Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
-import autoencoder as ae_configs  # noqa: E402
-import cascade as cascade_configs  # noqa: E402
-import ldm as ldm_configs  # noqa: E402
-import pixel as pixel_configs  # noqa: E402
 
 PRESETS = {ae_configs: ("default", "smoke", "kl_f8", "kl_f4"),
            ldm_configs: ("default", "smoke", "text", "cin256", "txt2img_f8"),
@@ -228,7 +228,8 @@ def test_checkpoint_that_does_not_fit_the_config_says_so_and_is_not_quarantined(
 def test_unknown_preset_lists_the_presets(module):
   with pytest.raises(UserError) as info:
     module.get_config("nope")
-  assert str(info.value) == (f"unknown preset 'nope' for configs/{module.__name__}.py "
+  name = module.__name__.rsplit(".", 1)[-1]
+  assert str(info.value) == (f"unknown preset 'nope' for configs/{name}.py "
                              f"({', '.join(PRESETS[module])})")
 
 

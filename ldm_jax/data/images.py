@@ -33,13 +33,13 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
   """Decodes the file at `path` (see the module docstring for what each mode becomes)."""
   try:
     with Image.open(path) as image:
-      return to_uint8(image)
+      return pixels_of(image)
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     # SyntaxError: what some of Pillow's plugins raise on a malformed header.
     raise UserError(f'Cannot decode image {os.fspath(path)}: {_one_line(e)}') from e
 
 
-def to_uint8(image: Image.Image) -> np.ndarray:
+def pixels_of(image: Image.Image) -> np.ndarray:
   """The pixels of a Pillow image as uint8 [H, W, 1] (gray modes) or [H, W, 3].
 
   Raises ValueError for values outside a mode's documented range (I, F).

@@ -8,7 +8,7 @@ from ldm_jax.diffusion.samplers import (EULER, SAMPLERS, cfg_denoise, ddim_inver
                                         ddpm_sample, dpm_solver_pp_2m_sample, guided, sample)
 from ldm_jax.diffusion.schedules import (BETA_SCHEDULES, DiffusionSchedule, beta_schedule,
                                          make_schedule, rescale_zero_terminal_snr,
-                                         schedule_from_betas)
+                                         schedule_from_betas, stage_schedule)
 
 __all__ = [
     "BETA_SCHEDULES", "DiffusionSchedule", "EULER", "PARAMETERIZATIONS", "SAMPLERS", "SPACINGS",
@@ -16,5 +16,5 @@ __all__ = [
     "ddpm_posterior", "ddpm_sample", "diffusion_loss", "dpm_solver_pp_2m_sample",
     "dpm_solver_timesteps", "euler", "extract", "guided", "make_schedule", "min_snr_weights",
     "pndm", "predict_x0_and_eps", "q_sample", "rescale_zero_terminal_snr", "sample",
-    "schedule_from_betas", "snr", "target", "timesteps",
+    "schedule_from_betas", "snr", "stage_schedule", "target", "timesteps",
 ]

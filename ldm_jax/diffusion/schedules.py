@@ -143,3 +143,11 @@ def sigma_to_timestep(sigmas, table_sigmas) -> jnp.ndarray:
   table = jnp.log(jnp.asarray(table_sigmas, jnp.float32))
   index = jnp.arange(table.shape[0], dtype=jnp.float32)
   return jnp.interp(jnp.log(jnp.maximum(jnp.asarray(sigmas, jnp.float32), 1e-10)), table, index)
+
+
+def stage_schedule(stage) -> DiffusionSchedule:
+  """The schedule of a diffusion stage's config block (`stage.diffusion`: schedule,
+  num_timesteps, beta_start, beta_end, zero_terminal_snr)."""
+  d = stage.diffusion
+  return make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end,
+                       zero_terminal_snr=d.zero_terminal_snr)

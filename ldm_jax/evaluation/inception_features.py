@@ -35,8 +35,8 @@ class InceptionFeatures:
     self._fn = jax.jit(lambda v, x: model.apply(v, inception.fid_input(x)))
 
   def __call__(self, images, progress: Optional[object] = None) -> np.ndarray:
-    """`progress`: a sampling_batches.BatchProgress-like object (start / batch_done)."""
-    from ldm_jax.sampling_batches import BatchPlan  # pylint: disable=g-import-not-at-top
+    """`progress`: a sampling.batches.BatchProgress-like object (start / batch_done)."""
+    from ldm_jax.sampling.batches import BatchPlan  # pylint: disable=g-import-not-at-top
     n = len(images)
     plan = BatchPlan(n, self.batch_size)
     if progress is not None:

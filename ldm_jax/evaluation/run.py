@@ -1,7 +1,7 @@
 """`python -m ldm_jax.evaluate`: the numbers of a trained workdir, written to
 `<workdir>/eval_<step>.json` (step: the last stage's checkpoint).
 
-  samples       N images drawn in batches (sampling_batches: batch i from (seed, i); class
+  samples       N images drawn in batches (sampling.batches: batch i from (seed, i); class
                 models get balanced labels), optionally kept in eval_<step>_samples.npz
   inception     FID and KID (Inception-v3 pool3, the pytorch-fid / TF FID network) of the
                 samples against the data's test split; needs the weights file (--inception)
@@ -24,15 +24,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import files, stage_settings
-from ldm_jax import sampling_batches as sb
+from ldm_jax import files
+from ldm_jax.sampling import settings as stage_settings
+from ldm_jax.sampling import batches as sb
+from ldm_jax.sampling import sinks
 from ldm_jax import workdir as workdir_lib
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.errors import UserError
 from ldm_jax.evaluation import cache, classifier, metrics, super_resolution
-from ldm_jax.evaluation.images import to_uint8
+from ldm_jax.images import to_uint8
 from ldm_jax.evaluation.inception_features import InceptionFeatures, to_float
-from ldm_jax.pipeline import from_workdir
+from ldm_jax.sampling import from_workdir
 
 
 @dataclasses.dataclass
@@ -40,7 +42,7 @@ class Options:
   num_samples: int = 10_000
   batch_size: Optional[int] = None
   seed: int = 0
-  # Per stage (ldm_jax.stage_settings): a value, a list / comma string with one per stage,
+  # Per stage (ldm_jax.sampling.settings): a value, a list / comma string with one per stage,
   # or None for each stage's own config.<stage>.sample.
   sampler: Any = None
   steps: Any = None
@@ -143,9 +145,9 @@ def draw_samples(workdir: str, pipe, opts: Options, step: int, log) -> tuple:
   start = time.time()
   if opts.save_samples:
     path = os.path.join(workdir, f"eval_{step}_samples.npz")
-    sink = sb.NpzSink(path, plan, sb.settings_of(workdir, plan, step=step, **kwargs))
+    sink = sinks.NpzSink(path, plan, sb.settings_of(workdir, plan, step=step, **kwargs))
     sb.run_to_sink(pipe, plan, sink, batch_progress=progress, **kwargs)
-    images, labels = sb.read_samples(path)
+    images, labels = sinks.read_samples(path)
   else:
     parts = list(sb.sample_batches(pipe, plan, batch_progress=progress, **kwargs))
     images = np.concatenate([p[1] for p in parts])

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import codecs
+from ldm_jax.models import codecs
 from ldm_jax.evaluation import metrics
 
 

@@ -22,8 +22,8 @@ import numpy as np
 from ldm_jax import workdir as workdir_lib
 from ldm_jax.errors import UserError
 from ldm_jax.export import diffusers_format as fmt
-from ldm_jax.load import load_stage
-from ldm_jax.pipeline import scheduler_options
+from ldm_jax.sampling.load import load_stage
+from ldm_jax.sampling.options import scheduler_options
 
 EXPORT_INFO = "ldm_jax_export.json"  # the source workdir, step, classes and guidance
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -42,29 +42,6 @@ def _torch_model(cls, cfg: dict, state_dict: dict, folder: str):
 def _shapes(cls, cfg: dict) -> dict:
   model = cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
   return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def _text_encoder_state_dict(params: dict, num_layers: int) -> dict:
-  """Our CLIPTextEncoder params -> transformers CLIPTextModel's state dict (the inverse of
-  `convert.clip.params_from_transformers`)."""
-  p = "text_model."
-  dense = lambda d: {"weight": np.asarray(d["kernel"]).T, "bias": np.asarray(d["bias"])}  # noqa: E731
-  norm = lambda d: {"weight": np.asarray(d["scale"]), "bias": np.asarray(d["bias"])}  # noqa: E731
-  out = {p + "embeddings.token_embedding.weight": np.asarray(params["token_embedding"]["embedding"]),
-         p + "embeddings.position_embedding.weight": np.asarray(params["position_embedding"])}
-  parts = {"final_layer_norm": norm(params["final_layer_norm"])}
-  for i in range(num_layers):
-    layer, b = params[f"layers_{i}"], f"encoder.layers.{i}."
-    parts[b + "layer_norm1"] = norm(layer["layer_norm1"])
-    parts[b + "layer_norm2"] = norm(layer["layer_norm2"])
-    for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
-      parts[b + "self_attn." + n] = dense(layer["self_attn"][n])
-    parts[b + "mlp.fc1"] = dense(layer["fc1"])
-    parts[b + "mlp.fc2"] = dense(layer["fc2"])
-  for name, leaves in parts.items():
-    for leaf, value in leaves.items():
-      out[f"{p}{name}.{leaf}"] = np.ascontiguousarray(value, np.float32)
-  return out
 
 
 def export_lora(workdir: str, out: str, step: Optional[int] = None) -> str:
@@ -160,7 +137,7 @@ def export_diffusers(workdir: str, out: str, step: Optional[int] = None) -> str:
     import torch  # pylint: disable=g-import-not-at-top
     clip_cfg = dict(block.conditioning.clip)
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**clip_cfg))
-    sd = _text_encoder_state_dict(parts.params["text"], int(clip_cfg["num_hidden_layers"]))
+    sd = fmt.text_encoder_state_dict(parts.params["text"], int(clip_cfg["num_hidden_layers"]))
     if not any(k.startswith("text_model.") for k in text.state_dict()):  # transformers >= 5
       sd = {k[len("text_model."):]: v for k, v in sd.items()}
     missing, unexpected = text.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()},

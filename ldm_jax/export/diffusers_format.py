@@ -202,3 +202,26 @@ def vae_state_dict(params, ae_cfg: Mapping[str, Any], shapes):
   self_attn = dm.self_attention_paths(params)
   return state_dict_from_params(params, lambda p: dm.diffusers_rename(p, n, self_attn), shapes,
                                 "diffusers AutoencoderKL")
+
+
+def text_encoder_state_dict(params: dict, num_layers: int) -> dict:
+  """Our CLIPTextEncoder params -> transformers CLIPTextModel's state dict (the inverse of
+  `convert.clip.params_from_transformers`)."""
+  p = "text_model."
+  dense = lambda d: {"weight": np.asarray(d["kernel"]).T, "bias": np.asarray(d["bias"])}  # noqa: E731
+  norm = lambda d: {"weight": np.asarray(d["scale"]), "bias": np.asarray(d["bias"])}  # noqa: E731
+  out = {p + "embeddings.token_embedding.weight": np.asarray(params["token_embedding"]["embedding"]),
+         p + "embeddings.position_embedding.weight": np.asarray(params["position_embedding"])}
+  parts = {"final_layer_norm": norm(params["final_layer_norm"])}
+  for i in range(num_layers):
+    layer, b = params[f"layers_{i}"], f"encoder.layers.{i}."
+    parts[b + "layer_norm1"] = norm(layer["layer_norm1"])
+    parts[b + "layer_norm2"] = norm(layer["layer_norm2"])
+    for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+      parts[b + "self_attn." + n] = dense(layer["self_attn"][n])
+    parts[b + "mlp.fc1"] = dense(layer["fc1"])
+    parts[b + "mlp.fc2"] = dense(layer["fc2"])
+  for name, leaves in parts.items():
+    for leaf, value in leaves.items():
+      out[f"{p}{name}.{leaf}"] = np.ascontiguousarray(value, np.float32)
+  return out

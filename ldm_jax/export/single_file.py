@@ -117,7 +117,6 @@ def _state_dict(params, rename, prefix: str, conv1x1) -> dict:
 def export_single_file(config, stage: str, parts, path: str) -> tuple[str, str]:
   """Writes `path` (.safetensors) and the yaml beside it; returns both paths."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from ldm_jax.export import _text_encoder_state_dict  # pylint: disable=g-import-not-at-top
   if config[stage].conditioning.kind != "clip":
     raise UserError("--format=single_file exports a CLIP-conditioned (Stable Diffusion) "
                     "workdir; use the diffusers format for this one")
@@ -135,7 +134,7 @@ def export_single_file(config, stage: str, parts, path: str) -> tuple[str, str]:
   sd.update(_state_dict(parts.codec_params, compvis._vae_rename, compvis.VAE_PREFIX,  # pylint: disable=protected-access
                         lambda n: True))
   clip = dict(config[stage].conditioning.clip)
-  for k, v in _text_encoder_state_dict(parts.params["text"],
+  for k, v in fmt.text_encoder_state_dict(parts.params["text"],
                                        int(clip["num_hidden_layers"])).items():
     sd[CLIP_PREFIX + k] = v
   os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)

@@ -72,7 +72,7 @@ class Encoder(nn.Module):
     if self.mid_attention:
       h = layers.SpatialSelfAttention(name="mid_attn", **kw)(h)
     h = layers.ResBlock(h.shape[-1], self.dropout, name="mid_res1", **kw)(h, train=train)
-    h = layers.group_norm(h.shape[-1], self.num_groups, "norm_out", self.dtype)(h, silu=True)
+    h = layers.group_norm_layer(h.shape[-1], self.num_groups, "norm_out", self.dtype)(h, silu=True)
     return layers.conv(self.out_channels, 3, dtype=self.dtype, name="conv_out")(h)
 
 
@@ -107,7 +107,7 @@ class Decoder(nn.Module):
             if level != 0 else None)
       ups.append((blocks, attn, up))
     self.ups = ups
-    self.norm_out = layers.group_norm(self.ch * self.ch_mult[0], self.num_groups,
+    self.norm_out = layers.group_norm_layer(self.ch * self.ch_mult[0], self.num_groups,
                                       dtype=self.dtype)
     self.conv_out = layers.conv(self.out_channels, 3, dtype=self.dtype)
 

@@ -7,7 +7,6 @@ their defaults, so configs written by older runs still build the same model.
 import jax.numpy as jnp
 import ml_collections
 
-from ldm_jax import diffusion
 from ldm_jax.errors import UserError
 from ldm_jax.models import clip
 from ldm_jax.models.autoencoder import AutoencoderKL
@@ -74,9 +73,3 @@ def build_text_encoder(stage: ml_collections.ConfigDict, tokenizer: Tokenizer,
     return clip.from_config(c.clip.to_dict() if hasattr(c.clip, "to_dict") else c.clip, dtype)
   return TextEncoder(vocab_size=tokenizer.vocab_size, max_length=c.max_length, width=c.text_width,
                      depth=c.text_depth, num_heads=c.text_heads, dtype=dtype)
-
-
-def make_schedule(stage: ml_collections.ConfigDict) -> diffusion.DiffusionSchedule:
-  d = stage.diffusion
-  return diffusion.make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end,
-                                 zero_terminal_snr=d.zero_terminal_snr)

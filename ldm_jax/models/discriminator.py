@@ -26,7 +26,7 @@ class PatchDiscriminator(nn.Module):
                           scale_init=lambda k, s, d=jnp.float32: 1.0 + 0.02 *
                           nn.initializers.normal(1.0)(k, s, d), dtype=self.dtype, name=name)(h)
     if self.norm == "group":
-      return layers.group_norm(h.shape[-1], 32, name, self.dtype)(h)
+      return layers.group_norm_layer(h.shape[-1], 32, name, self.dtype)(h)
     return h
 
   @nn.compact

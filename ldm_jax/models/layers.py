@@ -34,7 +34,7 @@ class GroupNorm(nn.Module):
                                mul=mul, add=add, silu=silu, dtype=self.dtype)
 
 
-def group_norm(channels: int, num_groups: int = 32, name: Optional[str] = None,
+def group_norm_layer(channels: int, num_groups: int = 32, name: Optional[str] = None,
                dtype: Dtype = jnp.float32, eps: float = 1e-6) -> GroupNorm:
   """GroupNorm (eps=1e-6 as in LDM's autoencoder and transformers; LDM's UNet ResBlocks and
   diffusers' UNets use 1e-5); falls back to fewer groups for narrow layers."""
@@ -159,12 +159,12 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x, emb=None, *, train: bool = False):
     in_ch = x.shape[-1]
-    h = group_norm(in_ch, self.num_groups, "norm1", self.dtype, self.eps)(x, silu=True)
+    h = group_norm_layer(in_ch, self.num_groups, "norm1", self.dtype, self.eps)(x, silu=True)
     h = conv(self.out_channels, 3, dtype=self.dtype, name="conv1")(h)
     if emb is not None:
       e = nn.Dense(self.out_channels * (2 if self.scale_shift_norm else 1), dtype=self.dtype,
                    name="emb_proj")(nn.silu(emb))
-    norm2 = group_norm(self.out_channels, self.num_groups, "norm2", self.dtype, self.eps)
+    norm2 = group_norm_layer(self.out_channels, self.num_groups, "norm2", self.dtype, self.eps)
     if emb is not None and self.scale_shift_norm:
       scale, shift = jnp.split(e, 2, axis=-1)
       h = norm2(h, mul=1 + scale, add=shift, silu=True)
@@ -197,7 +197,7 @@ class SpatialSelfAttention(nn.Module):
     heads = c // self.head_channels if self.head_channels > 0 else self.num_heads
     if c % heads:
       raise ValueError(f"attention channels {c} not divisible by {heads} heads")
-    h = group_norm(c, self.num_groups, "norm", self.dtype, self.eps)(x).reshape(b, hgt * wid, c)
+    h = group_norm_layer(c, self.num_groups, "norm", self.dtype, self.eps)(x).reshape(b, hgt * wid, c)
     qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(h)
     q, k, v = (t.reshape(b, hgt * wid, heads, c // heads) for t in jnp.split(qkv, 3, axis=-1))
     out = attention(q, k, v).reshape(b, hgt * wid, c)
@@ -304,7 +304,7 @@ class SpatialTransformer(nn.Module):
   @nn.compact
   def __call__(self, x, context=None, context_mask=None):
     b, hgt, wid, c = x.shape
-    h = group_norm(c, self.num_groups, "norm", self.dtype)(x)
+    h = group_norm_layer(c, self.num_groups, "norm", self.dtype)(x)
     h = nn.Dense(self.num_heads * self.head_dim, dtype=self.dtype, name="proj_in")(h)
     h = h.reshape(b, hgt * wid, h.shape[-1])
     for i in range(self.depth):

@@ -246,7 +246,7 @@ class UNet(nn.Module):
         h = layers.Upsample(h.shape[-1], self.conv_resample, self.dtype,
                             name=f"up{level}_upsample")(h)
 
-    h = layers.group_norm(h.shape[-1], self.num_groups, "norm_out", self.dtype,
+    h = layers.group_norm_layer(h.shape[-1], self.num_groups, "norm_out", self.dtype,
                           self.norm_eps)(h, silu=True)
     out = nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                   kernel_init=nn.initializers.zeros, name="conv_out")(h)

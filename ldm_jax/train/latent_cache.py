@@ -18,7 +18,7 @@ size does not matter there, and float32 keeps the cached step equal to the encod
 float32 rounding (the log-variance in float16 would move std by up to ~0.2%), which the tests
 check. The memory map means only the rows a batch needs are read.
 
-Batches keep the stream's contract (`ldm_jax.data.pipeline`): batch k holds the records
+Batches keep the stream's contract (`ldm_jax.data.stream`): batch k holds the records
 `global_indices(k, B, N, seed)` (this process's rows), and with random_flip the variant is the
 stream's own coin for that stream position, so a cached batch is the encoding of exactly the
 images `BatchStream` would produce, and a run resumed at step k reads the same batches. A

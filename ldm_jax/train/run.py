@@ -11,8 +11,8 @@ from ldm_jax import console, sharding
 from ldm_jax import workdir as workdir_lib
 from ldm_jax.config_schema import AUTOENCODER
 from ldm_jax.errors import UserError, is_disk_full
-from ldm_jax.train import (checks, config_change, finetune, lock, stage_autoencoder,
-                           stage_diffusion)
+from ldm_jax.train import (autoencoder_stage, checks, config_change, diffusion_stage, finetune,
+                           lock)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
@@ -79,11 +79,11 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str,
   workdir_lib.write_config(config, workdir)
   if train_autoencoder:
     _announce(config, AUTOENCODER, workdir)
-    stage_autoencoder.run_autoencoder(config, workdir, mesh)
+    autoencoder_stage.run_autoencoder(config, workdir, mesh)
     _report(AUTOENCODER, workdir)
   for name in names:
     _announce(config, name, workdir)
-    stage_diffusion.run_diffusion(config, name, workdir, mesh)
+    diffusion_stage.run_diffusion(config, name, workdir, mesh)
     _report(name, workdir)
   summary = workdir_lib.read_summary(workdir)
   console.say(f"done: {os.path.join(workdir, 'summary.json')}")

@@ -1,10 +1,12 @@
-"""Train state: parameters, optimizer state and an optional EMA of (a subtree of) the params."""
+"""Train state: parameters, optimizer state and an optional EMA of (a subtree of) the params;
+and the clu collection a step returns its scalars in."""
 from typing import Any, Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from clu import metrics as clu_metrics
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -79,3 +81,9 @@ def keep_if_not(ok: jax.Array, new: TrainState, old: TrainState) -> TrainState:
   return new.replace(params=pick(new.params, old.params),
                      opt_state=pick(new.opt_state, old.opt_state),
                      ema_params=pick(new.ema_params, old.ema_params))
+
+
+def metrics_collection(names):
+  """A clu Collection averaging each named scalar over the steps it is merged across."""
+  return clu_metrics.Collection.create(
+      **{n: clu_metrics.Average.from_output(n) for n in sorted(names)})

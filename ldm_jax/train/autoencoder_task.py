@@ -14,20 +14,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from clu import metrics as clu_metrics
 
 from ldm_jax.evaluation import metrics as image_metrics
 from ldm_jax.losses import autoencoder as losses
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.builders import build_autoencoder, compute_dtype  # noqa: F401
 from ldm_jax.models.discriminator import PatchDiscriminator
-from ldm_jax.train.state import TrainState, adam_schedule
-
-def metrics_collection(names):
-  """A clu Collection averaging each named scalar over the steps it is merged across."""
-  return clu_metrics.Collection.create(
-      **{n: clu_metrics.Average.from_output(n) for n in sorted(names)})
-
+from ldm_jax.train.state import TrainState, adam_schedule, metrics_collection
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:

@@ -9,8 +9,8 @@ import numpy as np
 
 from ldm_jax import data as data_lib
 from ldm_jax import console, sharding
-from ldm_jax.evaluation import images as image_io
-from ldm_jax.train.autoencoder import AutoencoderTask
+from ldm_jax import images as image_io
+from ldm_jax.train.autoencoder_task import AutoencoderTask
 from ldm_jax.train.loop import train_stage
 from ldm_jax.train.writers import read_summary, update_summary
 

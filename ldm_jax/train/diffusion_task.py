@@ -1,6 +1,6 @@
 """A diffusion stage as a task for the shared training loop, whatever space it runs in.
 
-The stage's codec (`ldm_jax.codecs`: the frozen KL autoencoder for an LDM, pixels at the
+The stage's codec (`ldm_jax.models.codecs`: the frozen KL autoencoder for an LDM, pixels at the
 stage's resolution for the pixel model and each cascade stage) maps the batch images to the
 diffusion's x_0. Its parameters are an argument of the step (`step_constants`), never part of
 the train state. Condition dropout (labels -> the null label, captions -> the empty caption)
@@ -27,15 +27,15 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ldm_jax import codecs, diffusion
+from ldm_jax import diffusion
+from ldm_jax.models import codecs
 from ldm_jax.models.builders import (TEXT_KINDS, build_text_encoder, build_unet,  # noqa: F401
-                                     compute_dtype, make_schedule)
+                                     compute_dtype)
 from ldm_jax.models.conditioning import Tokenizer
 from ldm_jax.errors import UserError
 from ldm_jax.models import lora as lora_lib
 from ldm_jax.models.denoiser import DiffusionModel
-from ldm_jax.train.autoencoder import metrics_collection
-from ldm_jax.train.state import TrainState, adam_schedule
+from ldm_jax.train.state import TrainState, adam_schedule, metrics_collection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +89,7 @@ class DiffusionTask:
     self.dc = DiffusionConfig.from_config(block, lowres_resolution)
     dtype = compute_dtype(block.train.compute_dtype)
     self.shape = tuple(codec.shape)
-    self.schedule = make_schedule(block)
+    self.schedule = diffusion.stage_schedule(block)
     self.num_classes = num_classes
     text = (build_text_encoder(block, tokenizer, dtype) if self.dc.cond_kind in TEXT_KINDS
             else None)

@@ -7,14 +7,15 @@ from typing import Any, NamedTuple, Optional
 
 import ml_collections
 
-from ldm_jax import codecs
+from ldm_jax.models import codecs
 from ldm_jax import workdir as workdir_lib
 from ldm_jax.checkpoint import restore_eval_params
 from ldm_jax.config_schema import AUTOENCODER
 from ldm_jax.errors import UserError
 from ldm_jax.models import lora as lora_lib
+from ldm_jax.diffusion.schedules import stage_schedule
 from ldm_jax.models.builders import (TEXT_KINDS, build_autoencoder, build_text_encoder,
-                                     build_unet, make_schedule)
+                                     build_unet)
 from ldm_jax.models.conditioning import ClipTokenizer, Tokenizer
 from ldm_jax.models.denoiser import DiffusionModel
 
@@ -113,6 +114,6 @@ def load_stage(config: ml_collections.ConfigDict, workdir: str, stage: str,
                     f"gives {list(codec.shape)}")
   model = build_model(config, stage, codec.shape[-1], int(meta.get("num_classes", 0)),
                       tokenizer_of(config, stage, workdir, meta))
-  return StageParts(stage, codec, codec_params, model, params, make_schedule(config[stage]), meta,
+  return StageParts(stage, codec, codec_params, model, params, stage_schedule(config[stage]), meta,
                     int(step))
 

@@ -11,10 +11,13 @@ Conventions (the diffusers ones):
 import os
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from ldm_jax.data.images import load_image
+from ldm_jax.diffusion import samplers
 from ldm_jax.errors import UserError
 
 # ITU-R 601-2 luma (Pillow's convert('L')), for RGB files given to a gray model.
@@ -56,6 +59,42 @@ def latent_mask(mask, image_size: int, latent_size: int) -> np.ndarray:
     f = image_size // latent_size
     m = m[:, f // 2::f, f // 2::f]
   return m[..., None]
+
+
+def init_arrays(num_samples: int, steps: int, init_image, init_latents, strength, mask, *,
+                image_size: int, channels: int, latent_shape: tuple):
+  """Image-to-image's and inpainting's inputs of a `steps`-step call: (the init arrays the
+  sampler takes, {'images' or 'latents', optionally 'mask'}, or None; the first step to run)."""
+  if init_image is None and init_latents is None:
+    if mask is not None or strength is not None:
+      raise UserError(f"{'mask' if mask is not None else 'strength'} needs an init_image "
+                      "(or init_latents) to start from")
+    return None, 0
+  if init_image is not None and init_latents is not None:
+    raise UserError("give init_image or init_latents, not both")
+  init = {}
+  if init_image is not None:
+    init["images"] = as_images(init_image, image_size, channels)
+    n = len(init["images"])
+  else:
+    z = np.asarray(init_latents, np.float32)
+    z = z[None] if z.ndim == len(latent_shape) else z
+    if z.shape[1:] != latent_shape:
+      raise UserError(f"init_latents of shape {np.shape(init_latents)}: expected [N, "
+                      f"{', '.join(map(str, latent_shape))}]")
+    init["latents"], n = z, len(z)
+  if n not in (1, num_samples):
+    raise UserError(f"{n} init images for {num_samples} samples: give 1 or {num_samples}")
+  if mask is not None:
+    m = latent_mask(mask, image_size, latent_shape[0])
+    if len(m) not in (1, num_samples):
+      raise UserError(f"{len(m)} masks for {num_samples} samples: give 1 or {num_samples}")
+    init["mask"] = m
+  try:
+    start = samplers.strength_start_step(steps, 0.8 if strength is None else float(strength))
+  except ValueError as e:
+    raise UserError(str(e)) from e
+  return jax.tree.map(jnp.asarray, init), start
 
 
 def _to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:

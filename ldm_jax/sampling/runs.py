@@ -1,4 +1,4 @@
-"""Running a pipeline (`ldm_jax.pipeline`) for a person: one row of images per prompt or label,
+"""Running a pipeline (`ldm_jax.sampling.pipeline`) for a person: one row of images per prompt or label,
 a square grid or a trajectory grid, and the console line that follows a sampling run's steps.
 """
 from typing import Sequence
@@ -7,7 +7,7 @@ import numpy as np
 
 from ldm_jax import console
 from ldm_jax.errors import UserError
-from ldm_jax.evaluation.images import make_grid
+from ldm_jax.images import make_grid
 from ldm_jax.models.builders import TEXT_KINDS
 
 

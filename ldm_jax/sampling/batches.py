@@ -12,25 +12,18 @@ balanced labels `global index % num_classes`. A run stopped after k batches and 
 therefore produces exactly the images of an uninterrupted run: `ImageSink`s skip the batches
 already on disk. The last batch is sampled at full size and cut, so one program serves all.
 
-Sinks: `PngDirSink` (one PNG per image, `<out_dir>/000123.png`) and `NpzSink` (one `.npz`
-with `images` and `labels`, assembled from per-batch parts). Each keeps the settings of the
-run in `sampling.json` and refuses to mix samples of other settings into its folder.
+The sinks that keep the images on disk, restartable, are `ldm_jax.sampling.sinks`.
 """
 import dataclasses
-import json
 import os
-import shutil
-import sys
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from ldm_jax import files
+from ldm_jax import console
 from ldm_jax.errors import UserError
-from ldm_jax.evaluation.images import save_png
 
-MANIFEST = "sampling.json"
 MAX_DEFAULT_BATCH = 256
 
 
@@ -177,149 +170,31 @@ def sample_batches(pipe, plan: BatchPlan, *, labels=None, prompt=None,
     yield i, images, None if all_labels is None else all_labels[start:stop]
 
 
-def _hms(seconds: float) -> str:
-  seconds = int(round(seconds))
-  h, rest = divmod(seconds, 3600)
-  m, s = divmod(rest, 60)
-  return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
 class BatchProgress:
-  """One progress line per batch: images done / total, images/s and the ETA. On a terminal
-  the line is rewritten in place; in a file or pipe each batch adds one line."""
+  """The progress line of a batched run (console.Progress counting images: done / total,
+  images/s, ETA); a resumed run first says how many batches are already on disk."""
 
-  def __init__(self, stream=None, what: str = "sampling", clock: Callable[[], float] = time.time):
-    self._stream = stream or sys.stderr
-    self._what, self._clock = what, clock
-    self._tty = bool(getattr(self._stream, "isatty", lambda: False)())
+  def __init__(self, stream=None, what: str = "sampling", clock: Callable[[], float] = time.monotonic):
+    self._stream, self._what, self._clock = stream, what, clock
+    self._line: Optional[console.Progress] = None
 
   def start(self, plan: BatchPlan, done: int = 0) -> None:
-    self._plan, self._t0 = plan, self._clock()
-    self._images = 0
-    self._done_images = sum(plan.bounds(i)[1] - plan.bounds(i)[0] for i in range(done))
-    self._left = plan.num_samples - self._done_images
+    done_images = sum(plan.bounds(i)[1] - plan.bounds(i)[0] for i in range(done))
+    self._done = done_images
+    self._line = console.Progress(self._what, plan.num_samples, start=done_images,
+                                  unit="images", every_secs=0.0, stream=self._stream,
+                                  clock=self._clock)
     if done:
-      self._write(f"{self._what}: {done} of {plan.num_batches} batches already on disk, "
-                  "resuming", end=True)
+      console.say(f"{self._what}: {done} of {plan.num_batches} batches already on disk, "
+                   "resuming", stream=self._stream)
+    self._line.update(done_images)
 
   def batch_done(self, index: int, count: int) -> None:
-    self._images += count
-    elapsed = max(self._clock() - self._t0, 1e-9)
-    rate = self._images / elapsed
-    total_done = self._done_images + self._images
-    left = self._left - self._images
-    last = total_done >= self._plan.num_samples or left <= 0
-    self._write(f"{self._what}: {total_done}/{self._plan.num_samples} images (batch "
-                f"{index + 1}/{self._plan.num_batches})  {rate:.2f} images/s  "
-                f"ETA {_hms(left / rate) if rate > 0 else '?'}", end=last)
-
-  def _write(self, text: str, end: bool) -> None:
-    if self._tty:
-      self._stream.write("\r\033[K" + text + ("\n" if end else ""))
-    else:
-      self._stream.write(text + "\n")
-    self._stream.flush()
-
-
-# ---- sinks: the images on disk, restartable ------------------------------------------------
-def _check_manifest(folder: str, settings: Mapping[str, Any]) -> None:
-  """Writes folder/sampling.json, or checks that the one there has the same settings."""
-  path = os.path.join(folder, MANIFEST)
-  settings = json.loads(json.dumps(dict(settings)))  # plain JSON types
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      try:
-        old = json.load(f)
-      except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e}): delete it or the folder") from e
-    diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-    if diff:
-      shown = ", ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff[:4])
-      raise UserError(f"{folder} holds samples drawn with other settings ({shown}): use "
-                      "another output path or delete it")
-    return
-  os.makedirs(folder, exist_ok=True)
-  with files.replaced(path) as tmp:
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(settings, f, indent=2, sort_keys=True)
-
-
-class PngDirSink:
-  """One PNG per image, `<folder>/<index:06d>.png` (index in the run); a batch is done when
-  all its files exist."""
-
-  def __init__(self, folder: str, plan: BatchPlan, settings: Mapping[str, Any]):
-    if os.path.exists(folder) and not os.path.isdir(folder):
-      raise UserError(f"out_dir={folder!r} is a file, not a folder")
-    self.folder, self.plan = folder, plan
-    _check_manifest(folder, settings)
-
-  def path(self, index: int) -> str:
-    return os.path.join(self.folder, f"{index:06d}.png")
-
-  def done(self, batch: int) -> bool:
-    start, stop = self.plan.bounds(batch)
-    return all(os.path.exists(self.path(i)) for i in range(start, stop))
-
-  def write(self, batch: int, images: np.ndarray, labels: Optional[np.ndarray]) -> None:
-    del labels
-    start, _ = self.plan.bounds(batch)
-    for k, image in enumerate(images):
-      save_png(self.path(start + k), image)
-
-  def finish(self) -> str:
-    return self.folder
-
-
-class NpzSink:
-  """One `.npz` (`images` uint8 [N, H, W, C], `labels` int32 [N] when class-conditional),
-  assembled from `<path>.parts/batch_<i>.npz` when every batch is there."""
-
-  def __init__(self, path: str, plan: BatchPlan, settings: Mapping[str, Any]):
-    if not path.endswith(".npz"):
-      raise UserError(f"{path!r}: the samples file must end in .npz")
-    self.path, self.plan = path, plan
-    self.parts = path + ".parts"
-    self._settings = dict(settings)
-    self._complete = os.path.exists(path) and self._same_settings(path)
-    if not self._complete:
-      _check_manifest(self.parts, settings)
-
-  def _same_settings(self, path: str) -> bool:
-    with np.load(path) as z:
-      old = json.loads(str(z["settings"])) if "settings" in z.files else None
-    if old != json.loads(json.dumps(self._settings)):
-      raise UserError(f"{path} exists and holds samples drawn with other settings: use "
-                      "another output path or delete it")
-    return True
-
-  def _part(self, batch: int) -> str:
-    return os.path.join(self.parts, f"batch_{batch:06d}.npz")
-
-  def done(self, batch: int) -> bool:
-    return self._complete or os.path.exists(self._part(batch))
-
-  def write(self, batch: int, images: np.ndarray, labels: Optional[np.ndarray]) -> None:
-    with files.replaced(self._part(batch)) as tmp:
-      with open(tmp, "wb") as f:
-        np.savez(f, images=images, **({} if labels is None else {"labels": labels}))
-
-  def finish(self) -> str:
-    if self._complete:
-      return self.path
-    parts = [np.load(self._part(i)) for i in range(self.plan.num_batches)]
-    arrays = {"images": np.concatenate([p["images"] for p in parts])}
-    if "labels" in parts[0].files:
-      arrays["labels"] = np.concatenate([p["labels"] for p in parts])
-    for p in parts:
-      p.close()
-    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-    with files.replaced(self.path) as tmp:
-      with open(tmp, "wb") as f:
-        np.savez(f, settings=np.asarray(json.dumps(json.loads(json.dumps(self._settings)))),
-                 **arrays)
-    shutil.rmtree(self.parts)
-    return self.path
+    del index
+    self._done += count
+    self._line.update(self._done)
+    if self._done >= self._line.total:
+      self._line.close()
 
 
 def run_to_sink(pipe, plan: BatchPlan, sink, *,
@@ -332,12 +207,6 @@ def run_to_sink(pipe, plan: BatchPlan, sink, *,
   return sink.finish()
 
 
-def read_samples(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
-  """(images uint8 [N, H, W, C], labels or None) of an NpzSink file."""
-  with np.load(path) as z:
-    return z["images"], (z["labels"] if "labels" in z.files else None)
-
-
 def settings_of(workdir: str, plan: BatchPlan, labels: Optional[Sequence[int]] = None,
                 prompt=None, **sample_kwargs) -> dict:
   """What fixes a run's images: the workdir, the plan and the sampling keywords."""
@@ -347,21 +216,3 @@ def settings_of(workdir: str, plan: BatchPlan, labels: Optional[Sequence[int]] =
           "prompt": prompt, **sample_kwargs}
 
 
-IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
-
-
-def write_image(path: str, grid: np.ndarray) -> None:
-  """A HWC uint8 image as PNG or JPEG (quality 95) by the file's extension, atomically; any
-  other extension is refused."""
-  ext = os.path.splitext(path)[1].lower()
-  if ext not in IMAGE_FORMATS:
-    raise UserError(f"{path!r}: unknown image extension {ext or '(none)'!r}: use one of "
-                    f"{sorted(IMAGE_FORMATS)}")
-  if IMAGE_FORMATS[ext] == "PNG":
-    save_png(path, grid)
-    return
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with files.replaced(path, ".tmp" + ext) as tmp:
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp, format="JPEG",
-                                                                         quality=95)

@@ -1,4 +1,5 @@
-"""Image grids and PNG files: the uint8 edge of the pipeline."""
+"""Images at the uint8 edge of the package: float [-1, 1] to uint8, grids (with row labels),
+and image files written atomically (PNG, JPEG by extension)."""
 import os
 from typing import Optional, Sequence
 
@@ -6,6 +7,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ldm_jax import files
+from ldm_jax.errors import UserError
 
 
 def to_uint8(images) -> np.ndarray:
@@ -74,3 +76,22 @@ def save_png(path: str, grid: np.ndarray) -> None:
   img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
   with files.replaced(path, ".tmp.png") as tmp:
     img.save(tmp, format="PNG")
+
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def write_image(path: str, grid: np.ndarray) -> None:
+  """A HWC uint8 image as PNG or JPEG (quality 95) by the file's extension, atomically; any
+  other extension is refused."""
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in IMAGE_FORMATS:
+    raise UserError(f"{path!r}: unknown image extension {ext or '(none)'!r}: use one of "
+                    f"{sorted(IMAGE_FORMATS)}")
+  if IMAGE_FORMATS[ext] == "PNG":
+    save_png(path, grid)
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with files.replaced(path, ".tmp" + ext) as tmp:
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp, format="JPEG",
+                                                                         quality=95)

@@ -9,19 +9,23 @@ import ml_collections
 import numpy as np
 
 from ldm_jax import data as data_lib
-from ldm_jax import codecs, load, sharding
+from ldm_jax import sharding
+from ldm_jax.models import codecs
+from ldm_jax.sampling import load
 from ldm_jax import workdir as workdir_lib
 from ldm_jax.checkpoint import Checkpointer
-from ldm_jax.evaluation import images as image_io
+from ldm_jax import images as image_io
 from ldm_jax.models.conditioning import CAPTION_TEMPLATES, Tokenizer, fashion_mnist_captions
 from ldm_jax.evaluation import classifier as classifier_lib
 from ldm_jax.evaluation import super_resolution
-from ldm_jax.pipeline import (PER_STAGE_SETTINGS, DiffusionPipeline, load_stages,
-                              stage_sample_defaults, stage_thresholding)
+from ldm_jax.sampling import DiffusionPipeline, load_stages
+from ldm_jax.sampling.cascade import PER_STAGE_SETTINGS
+from ldm_jax.sampling.options import stage_sample_defaults, stage_thresholding
 from ldm_jax.errors import UserError
 from ldm_jax.models.builders import TEXT_KINDS
-from ldm_jax.train import finetune, latent_cache, stage_autoencoder
-from ldm_jax.train.diffusion import DiffusionTask
+from ldm_jax.train import finetune, latent_cache
+from ldm_jax.train import autoencoder_stage
+from ldm_jax.train.diffusion_task import DiffusionTask
 from ldm_jax.train.loop import train_stage
 
 
@@ -156,7 +160,7 @@ def run_diffusion(config: ml_collections.ConfigDict, stage: str, workdir: str, m
                     "metadata.jsonl with file_name and text)")
   captions = training_captions(train_source, class_names) if text else []
   source_captions = text and train_source.captions is not None
-  image_batches = batches = stage_autoencoder.train_batches(
+  image_batches = batches = autoencoder_stage.train_batches(
       config, train_source, block.train.batch_size, captions=source_captions)
 
   meta = _saved_meta(ckpt_dir)

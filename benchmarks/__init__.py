@@ -1,0 +1,2 @@
+"""Benchmarks: run from the repository root as `python -m benchmarks.<name>`; figures in
+docs/BENCHMARKS.md."""
