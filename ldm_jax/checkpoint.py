@@ -12,7 +12,7 @@ from etils import epath
 from orbax.checkpoint._src.metadata import array_metadata_store
 
 from ldm_jax import distributed
-from ldm_jax.errors import UserError, is_disk_full
+from ldm_jax.errors import ConfigMismatch, UserError, is_disk_full
 
 class DiskFull(UserError):
   """A checkpoint could not be written for lack of space; older steps are intact."""
@@ -167,7 +167,7 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except  (recorded, reported, re-raised)
         misfit = self.misfit(abstract_state, step)
         if misfit:  # not damage: the config changed since the step was saved
-          raise UserError(f"checkpoint {self.directory}/{step} does not fit the config "
+          raise ConfigMismatch(f"checkpoint {self.directory}/{step} does not fit the config "
                           f"({misfit}): the config changed since it was saved; train the new "
                           "config in a new --workdir") from e
         failures.append((step, e))

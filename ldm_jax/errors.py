@@ -14,6 +14,10 @@ class UserError(ValueError):
   """A problem with user input: the message names the offending value."""
 
 
+class ConfigMismatch(UserError):
+  """A checkpoint that does not fit the config it is restored with (the config changed)."""
+
+
 def is_disk_full(error: BaseException | None) -> bool:
   """Whether `error` or an exception in its cause / context chain is a full disk."""
   seen = set()

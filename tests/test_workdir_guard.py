@@ -16,12 +16,13 @@ import pytest
 
 from ldm_jax import workdir as workdir_lib
 from ldm_jax.checkpoint import DAMAGED, Checkpointer, abstract_like
-from ldm_jax.errors import UserError
+from ldm_jax.errors import ConfigMismatch, UserError
 from ldm_jax.train import config_change, lock
 from ldm_jax.train.run import keep_config, run
 
 from configs import autoencoder as ae_configs
 from configs import cascade as cascade_configs
+from configs import finetune as finetune_configs
 from configs import ldm as ldm_configs
 from configs import pixel as pixel_configs
 
@@ -31,6 +32,7 @@ PRESETS = {ae_configs: ("default", "smoke", "kl_f8", "kl_f4"),
            ldm_configs: ("default", "smoke", "text", "cin256", "txt2img_f8"),
            pixel_configs: ("default", "smoke"),
            cascade_configs: ("default", "smoke", "imagenet64_256")}
+EVERY_CONFIG_FILE = {**PRESETS, finetune_configs: ("default", "lora")}
 
 
 def _dead_pid() -> int:
@@ -144,6 +146,38 @@ def test_changed_config_is_refused_in_one_line_and_nothing_is_written(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # lock released
 
 
+def test_changes_list_changed_values_first_and_stages_before_all():
+  stored = workdir_lib.migrate(ae_configs.get_config("smoke"))
+  changes = config_change.changed_keys(stored, workdir_lib.migrate(pixel_configs.get_config("smoke")))
+  assert changes[0] == ("stages", ["autoencoder"], ["pixel"])
+  one_side = ["<absent>" in (old, new) for _, old, new in changes]
+  assert one_side == sorted(one_side) and not one_side[0] and one_side[-1]
+
+
+def test_allow_config_change_that_the_checkpoints_do_not_fit_keeps_their_config(tmp_path,
+                                                                               tfds_dir):
+  """--allow_config_change with another architecture: one line, and config.json is again the
+  config the checkpoints were trained with (sampling and a plain resume still work)."""
+  def smoke(steps):
+    c = pixel_configs.get_config("smoke")
+    c.data.data_dir = str(tfds_dir)
+    c.pixel.train.num_steps = steps
+    c.pixel.train.sr_eval_images = 0
+    return c
+  run(smoke(2), str(tmp_path))
+  before = (tmp_path / "config.json").read_bytes()
+  wider = smoke(4)
+  wider.pixel.unet.model_channels *= 2
+  with pytest.raises(ConfigMismatch) as info:
+    run(wider, str(tmp_path), allow_config_change=True)
+  message = str(info.value)
+  assert "\n" not in message and "pixel/checkpoints/2 does not fit the config" in message
+  assert message.endswith(f"{tmp_path}/config.json is back to the config they were trained with")
+  assert (tmp_path / "config.json").read_bytes() == before
+  assert len(list(tmp_path.glob("config.previous-*.json"))) == 1
+  assert not (tmp_path / "train.lock").exists()
+
+
 def test_changes_list_the_first_few_keys_with_old_and_new_values():
   changes = [(f"k{i}", i, i + 1) for i in range(7)]
   assert config_change.describe(changes) == "k0: 0 -> 1, k1: 1 -> 2, k2: 2 -> 3, k3: 3 -> 4 " \
@@ -224,13 +258,13 @@ def test_checkpoint_that_does_not_fit_the_config_says_so_and_is_not_quarantined(
 
 # --- one line for an unknown preset ---------------------------------------------------------
 
-@pytest.mark.parametrize("module", list(PRESETS), ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", list(EVERY_CONFIG_FILE), ids=lambda m: m.__name__)
 def test_unknown_preset_lists_the_presets(module):
   with pytest.raises(UserError) as info:
     module.get_config("nope")
   name = module.__name__.rsplit(".", 1)[-1]
   assert str(info.value) == (f"unknown preset 'nope' for configs/{name}.py "
-                             f"({', '.join(PRESETS[module])})")
+                             f"({', '.join(EVERY_CONFIG_FILE[module])})")
 
 
 @pytest.mark.parametrize("config, line", [

@@ -52,8 +52,9 @@ def _unresolved(key: str, new: Any) -> bool:
 
 def changed_keys(stored: ml_collections.ConfigDict | Mapping,
                  new: ml_collections.ConfigDict | Mapping) -> list[tuple[str, Any, Any]]:
-  """(key, stored value, new value) of every key that differs and may not change on resume,
-  sorted by key; a key present on one side only counts, with `<absent>` on the other."""
+  """(key, stored value, new value) of every key that differs and may not change on resume:
+  the changed values first (`stages` before all), then the keys present on one side only
+  (`<absent>` on the other), each sorted by key."""
   old_flat = flatten(stored.to_dict() if hasattr(stored, "to_dict") else stored)
   new_flat = flatten(new.to_dict() if hasattr(new, "to_dict") else new)
   out = []
@@ -62,7 +63,7 @@ def changed_keys(stored: ml_collections.ConfigDict | Mapping,
     if old == cur or _may_change(key) or _unresolved(key, cur):
       continue
     out.append((key, old, cur))
-  return out
+  return sorted(out, key=lambda c: (c[0] != "stages", "<absent>" in (c[1], c[2]), c[0]))
 
 
 def describe(changes: list[tuple[str, Any, Any]], limit: int = 4) -> str:

@@ -7,10 +7,10 @@ import shutil
 import jax
 import ml_collections
 
-from ldm_jax import console, sharding
+from ldm_jax import console, files, sharding
 from ldm_jax import workdir as workdir_lib
 from ldm_jax.config_schema import AUTOENCODER
-from ldm_jax.errors import UserError, is_disk_full
+from ldm_jax.errors import ConfigMismatch, UserError, is_disk_full
 from ldm_jax.train import (autoencoder_stage, checks, config_change, diffusion_stage, finetune,
                            lock)
 
@@ -75,19 +75,40 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str,
   mesh = sharding.make_mesh(config.mesh)
   if train_autoencoder:
     sharding.check_batch_size(config.train.batch_size, mesh)
+  path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
+  stored = _read_bytes(path)
   config = keep_config(config, workdir, allow_config_change)
   workdir_lib.write_config(config, workdir)
-  if train_autoencoder:
-    _announce(config, AUTOENCODER, workdir)
-    autoencoder_stage.run_autoencoder(config, workdir, mesh)
-    _report(AUTOENCODER, workdir)
-  for name in names:
-    _announce(config, name, workdir)
-    diffusion_stage.run_diffusion(config, name, workdir, mesh)
-    _report(name, workdir)
+  try:
+    if train_autoencoder:
+      _announce(config, AUTOENCODER, workdir)
+      autoencoder_stage.run_autoencoder(config, workdir, mesh)
+      _report(AUTOENCODER, workdir)
+    for name in names:
+      _announce(config, name, workdir)
+      diffusion_stage.run_diffusion(config, name, workdir, mesh)
+      _report(name, workdir)
+  except ConfigMismatch as e:
+    # An --allow_config_change that the checkpoints do not fit: the workdir keeps the config
+    # its checkpoints were trained with, so sampling and a plain resume still work.
+    if stored is None or jax.process_index() != 0:
+      raise
+    with files.replaced(path) as tmp:
+      with open(tmp, "wb") as f:
+        f.write(stored)
+    raise ConfigMismatch(f"{e}; {path} is back to the config they were trained with") from e
   summary = workdir_lib.read_summary(workdir)
   console.say(f"done: {os.path.join(workdir, 'summary.json')}")
   return summary
+
+
+def _read_bytes(path: str):
+  """The file's bytes, or None when there is none."""
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except FileNotFoundError:
+    return None
 
 
 def _announce(config, stage: str, workdir: str) -> None:
