@@ -3,9 +3,9 @@ is `ldm_jax.evaluation.run`."""
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from ldm_jax import console
+from ldm_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A trained workdir (LDM, pixel-space model or cascade).")
@@ -69,13 +69,8 @@ def _summary(result: dict) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.start(argv, FLAGS.verbosity)
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-  from ldm_jax import platform  # pylint: disable=g-import-not-at-top
-  platform.configure()
-  platform.quiet_library_logs()
-  console.setup(FLAGS.verbosity)
   absl_logging.set_verbosity(absl_logging.WARNING)  # TFDS / XLA start-up INFO lines
   from ldm_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   from ldm_jax.evaluation import run  # pylint: disable=g-import-not-at-top

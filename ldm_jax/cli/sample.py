@@ -7,7 +7,7 @@ import sys
 
 from absl import app, flags
 
-from ldm_jax import console
+from ldm_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A trained workdir: LDM, pixel-space model or cascade "
@@ -80,10 +80,7 @@ def main(argv):
     _check_flags()  # before anything heavy is imported: a bad flag fails at once
   except UserError as e:
     sys.exit(f"error: {e}")
-  from ldm_jax import platform  # noqa: E402
-  platform.configure()
-  platform.quiet_library_logs()
-  console.setup(FLAGS.verbosity)
+  cli.start(argv, FLAGS.verbosity)
   from ldm_jax.sampling import LatentDiffusionPipeline
   from ldm_jax.sampling.runs import StepProgress, sample_grid
   from ldm_jax.images import write_image

@@ -6,10 +6,10 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from ldm_jax import console
+from ldm_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (optionally `file.py:preset`).",
@@ -33,12 +33,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from ldm_jax import platform  # noqa: E402  (sets XLA flags before jax starts)
-  platform.configure()
-  platform.quiet_library_logs()
-  console.setup(FLAGS.verbosity)
+  cli.start(argv, FLAGS.verbosity)
   from ldm_jax import distributed
   from ldm_jax.errors import UserError
   from ldm_jax.train.run import run
