@@ -188,6 +188,8 @@ class BatchProgress:
       console.say(f"{self._what}: {done} of {plan.num_batches} batches already on disk, "
                    "resuming", stream=self._stream)
     self._line.update(done_images)
+    if done_images >= plan.num_samples:  # everything already on disk: end the line
+      self._line.close()
 
   def batch_done(self, index: int, count: int) -> None:
     del index
