@@ -46,8 +46,9 @@ def _floor(module: str) -> int:
   best = None
   for index, (_, prefixes) in enumerate(FLOORS):
     for prefix in prefixes:
-      if (module == prefix or module.startswith(prefix + ".")) and (
-          best is None or len(prefix) > best[1]):
+      # "ldm_jax" names the package's __init__ only: a new top-level module must be placed.
+      inside = prefix != "ldm_jax" and module.startswith(prefix + ".")
+      if (module == prefix or inside) and (best is None or len(prefix) > best[1]):
         best = (index, len(prefix))
   if best is None:
     raise KeyError(module)
@@ -108,6 +109,8 @@ def test_the_floor_check_sees_an_upward_import():
   assert _floor("ldm_jax.models.unet") < _floor("ldm_jax.sampling.pipeline")
   assert _floor("ldm_jax.convert.__main__") == len(FLOORS) - 1
   assert _floor("ldm_jax.convert.clip") == 3
+  with pytest.raises(KeyError):
+    _floor("ldm_jax.somewhere_new")
 
 
 def _cycles(graph: dict) -> list:
