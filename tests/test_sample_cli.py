@@ -107,6 +107,24 @@ def test_jpeg_grid_and_restartable_png_folder(tiny_workdir, tmp_path):
   assert done.returncode == 1 and "checkpoint_steps" in done.stderr.strip().splitlines()[-1]
 
 
+def test_a_config_that_the_checkpoint_does_not_fit_is_one_line(tiny_workdir, tmp_path):
+  """config.json changed by hand after training: one line naming the stage and the step."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  edited = tmp_path / "edited"
+  shutil.copytree(tiny_workdir, edited)
+  config = workdir_lib.read_config(str(edited))
+  config.ldm.unet.model_channels *= 2
+  workdir_lib.write_config(config, str(edited))
+  cmd = [sys.executable, str(ROOT / "sample.py"), f"--workdir={edited}", "--steps=2",
+         "--num_samples=2", f"--out={tmp_path / 'x.png'}"]
+  done = subprocess.run(cmd, capture_output=True, text=True)
+  last = done.stderr.strip().splitlines()[-1]
+  assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+  assert last.startswith("error: stage 'ldm': the parameters of checkpoint step 0 do not fit "
+                         "the workdir's config (For parameter "), last
+  assert last.endswith("the config changed since they were saved"), last
+
+
 def test_step_picks_a_saved_checkpoint_and_is_recorded(tiny_workdir, tmp_path):
   tiny_workdir_ = tiny_workdir
   """--step samples an older checkpoint (other images, recorded in sampling.json); a step

@@ -31,6 +31,7 @@ config carries the reference scheduler's timestep spacing in `config.<stage>.sch
 """
 from typing import Any, Callable, Optional, Sequence
 
+import flax.errors
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -40,7 +41,7 @@ from ldm_jax import diffusion
 from ldm_jax import workdir as workdir_lib
 from ldm_jax.diffusion import samplers
 from ldm_jax.diffusion import thresholding as thresholding_lib
-from ldm_jax.errors import UserError
+from ldm_jax.errors import ConfigMismatch, UserError
 from ldm_jax.images import to_uint8
 from ldm_jax.models.builders import TEXT_KINDS
 from ldm_jax.models.denoiser import DiffusionModel
@@ -310,9 +311,16 @@ class DiffusionPipeline:
     fn = self._program(sampler, int(steps), int(num_samples), bool(trajectory), progress,
                        tuple(sorted(opts.items())), latents is not None, start_step,
                        guidance_rescale > 0)
-    out = fn(self.params, self.codec_params, cond, uncond, jnp.float32(guidance),
-             jnp.float32(guidance_rescale), jnp.float32(eta), jax.random.key(seed) if rng is None else rng, latents, lowres,
-             jnp.int32(self.aug_steps(aug_level) if lowres is not None else 0), init)
+    try:
+      out = fn(self.params, self.codec_params, cond, uncond, jnp.float32(guidance),
+               jnp.float32(guidance_rescale), jnp.float32(eta),
+               jax.random.key(seed) if rng is None else rng, latents, lowres,
+               jnp.int32(self.aug_steps(aug_level) if lowres is not None else 0), init)
+    except flax.errors.ScopeParamShapeError as e:  # config.json edited after training
+      raise ConfigMismatch(
+          f"stage {self.name!r}: the parameters of checkpoint step {self.checkpoint_step} do "
+          f"not fit the workdir's config ({str(e).split(' (https://')[0]}); the config "
+          "changed since they were saved") from e
     convert = (lambda x: to_uint8(np.asarray(x))) if as_uint8 else np.asarray  # noqa: E731
     if trajectory:
       return convert(out[0]), convert(out[1])
