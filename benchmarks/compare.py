@@ -54,8 +54,8 @@ from ldm_jax.train import run as run_lib  # noqa: E402
 # The helpers below configure nothing themselves: they come after platform.configure().
 # pylint: disable=g-import-not-at-top,g-bad-import-order
 from benchmarks.compare_budget import apply_plan, log, plan_steps  # noqa: E402
-from benchmarks.compare_quality import (error_propagation, load_pipeline, measure_system,  # noqa: E402
-                             real_images)
+from benchmarks.compare_quality import (  # noqa: E402
+    error_propagation, load_pipeline, measure_system, real_images)
 from benchmarks.compare_report import figures, markdown  # noqa: E402
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 

@@ -25,9 +25,9 @@ def write_sd15_folder(folder: str) -> None:
   import torch  # pylint: disable=g-import-not-at-top
   import diffusers  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from ldm_jax.convert.reference import save_sd_folder, write_tokenizer  # pylint: disable=g-import-not-at-top
+  from ldm_jax.convert import reference  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
-  tok = write_tokenizer(os.path.join(folder, "_tok"))
+  tok = reference.write_tokenizer(os.path.join(folder, "_tok"))
   text = transformers.CLIPTextModel(transformers.CLIPTextConfig(  # SD 1.x: CLIP ViT-L/14
       vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
       num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
@@ -39,7 +39,7 @@ def write_sd15_folder(folder: str) -> None:
       in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
       block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
       up_block_types=("UpDecoderBlock2D",) * 4)
-  save_sd_folder(folder, os.path.join(folder, "_tok"), tok, text, unet, vae)
+  reference.save_sd_folder(folder, os.path.join(folder, "_tok"), tok, text, unet, vae)
   shutil.rmtree(os.path.join(folder, "_tok"))
   n = sum(p.numel() for m in (unet, vae, text) for p in m.parameters())
   print(f"folder: {n / 1e6:.0f}M parameters (unet {unet.num_parameters() / 1e6:.0f}M)")

@@ -92,8 +92,9 @@ def main():
   results = {"encode": [], "cache": []}
   for r in range(args.rounds):
     for mode in (("encode", "cache") if r % 2 == 0 else ("cache", "encode")):
-      row = timing.run_child([*timing.module_command(__file__), f"--mode={mode}", f"--steps={args.steps}",
-                              f"--warmup={args.warmup}", f"--workdir={args.workdir}"],
+      row = timing.run_child([*timing.module_command(__file__), f"--mode={mode}",
+                              f"--steps={args.steps}", f"--warmup={args.warmup}",
+                              f"--workdir={args.workdir}"],
                              f"round {r + 1} {mode}")
       results[mode].append(row)
       print(json.dumps(row), flush=True)

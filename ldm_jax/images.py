@@ -70,12 +70,17 @@ def interleave_pairs(a, b) -> np.ndarray:
   return np.stack([a, b], axis=1).reshape((-1,) + a.shape[1:])
 
 
-def save_png(path: str, grid: np.ndarray) -> None:
-  """Writes a HWC uint8 grid (1 or 3 channels) to `path` atomically."""
+def _save(path: str, grid: np.ndarray, fmt: str, suffix: str, **options) -> None:
+  """A HWC uint8 grid (1 or 3 channels) in Pillow's format `fmt`, written atomically."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-  with files.replaced(path, ".tmp.png") as tmp:
-    img.save(tmp, format="PNG")
+  with files.replaced(path, suffix) as tmp:
+    img.save(tmp, format=fmt, **options)
+
+
+def save_png(path: str, grid: np.ndarray) -> None:
+  """Writes a HWC uint8 grid (1 or 3 channels) to `path` atomically."""
+  _save(path, grid, "PNG", ".tmp.png")
 
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
@@ -90,8 +95,5 @@ def write_image(path: str, grid: np.ndarray) -> None:
                     f"{sorted(IMAGE_FORMATS)}")
   if IMAGE_FORMATS[ext] == "PNG":
     save_png(path, grid)
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with files.replaced(path, ".tmp" + ext) as tmp:
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp, format="JPEG",
-                                                                         quality=95)
+  else:
+    _save(path, grid, "JPEG", ".tmp" + ext, quality=95)

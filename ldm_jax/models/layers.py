@@ -197,7 +197,8 @@ class SpatialSelfAttention(nn.Module):
     heads = c // self.head_channels if self.head_channels > 0 else self.num_heads
     if c % heads:
       raise ValueError(f"attention channels {c} not divisible by {heads} heads")
-    h = group_norm_layer(c, self.num_groups, "norm", self.dtype, self.eps)(x).reshape(b, hgt * wid, c)
+    h = group_norm_layer(c, self.num_groups, "norm", self.dtype, self.eps)(x)
+    h = h.reshape(b, hgt * wid, c)
     qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(h)
     q, k, v = (t.reshape(b, hgt * wid, heads, c // heads) for t in jnp.split(qkv, 3, axis=-1))
     out = attention(q, k, v).reshape(b, hgt * wid, c)

@@ -174,7 +174,8 @@ class BatchProgress:
   """The progress line of a batched run (console.Progress counting images: done / total,
   images/s, ETA); a resumed run first says how many batches are already on disk."""
 
-  def __init__(self, stream=None, what: str = "sampling", clock: Callable[[], float] = time.monotonic):
+  def __init__(self, stream=None, what: str = "sampling",
+               clock: Callable[[], float] = time.monotonic):
     self._stream, self._what, self._clock = stream, what, clock
     self._line: Optional[console.Progress] = None
 
@@ -216,5 +217,3 @@ def settings_of(workdir: str, plan: BatchPlan, labels: Optional[Sequence[int]] =
           "batch_size": plan.batch_size, "seed": plan.seed,
           "labels": None if labels is None else np.asarray(labels).tolist(),
           "prompt": prompt, **sample_kwargs}
-
-

@@ -48,6 +48,7 @@ from ldm_jax.models.denoiser import DiffusionModel
 from ldm_jax.sampling import inputs, load, options, program
 from ldm_jax.sampling.cascade import CascadePipeline
 
+
 def from_workdir(workdir: str, step: Optional[int] = None, lora_scale: float = 1.0):
   """The pipeline of any trained or converted workdir: a DiffusionPipeline for an LDM or a
   pixel-space model, a CascadePipeline for a cascade. `step` picks the last stage's

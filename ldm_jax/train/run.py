@@ -79,6 +79,7 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str,
   stored = _read_bytes(path)
   config = keep_config(config, workdir, allow_config_change)
   workdir_lib.write_config(config, workdir)
+  rewritten = stored is not None and _read_bytes(path) != stored
   try:
     if train_autoencoder:
       _announce(config, AUTOENCODER, workdir)
@@ -91,7 +92,7 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str,
   except ConfigMismatch as e:
     # An --allow_config_change that the checkpoints do not fit: the workdir keeps the config
     # its checkpoints were trained with, so sampling and a plain resume still work.
-    if stored is None or jax.process_index() != 0:
+    if not rewritten or jax.process_index() != 0:
       raise
     with files.replaced(path) as tmp:
       with open(tmp, "wb") as f:
