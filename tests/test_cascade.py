@@ -285,6 +285,25 @@ def test_compare_runs_on_a_tiny_budget(tfds_dir, tmp_path):
     assert (out / name).stat().st_size > 0
   assert "| cascade |" in (out / "compare.md").read_text()
 
+  # Each system at its own best setting, and memorisation, on the same trained workdirs.
+  cmd = [sys.executable, "-m", "benchmarks.compare_sweep", f"--out={out}", "--steps=3",
+         "--batch=10", "--sweep_per_class=1", "--final_per_class=2", "--guidance=1,3",
+         "--thresholding=static,dynamic", "--aug_levels=0.1,0.3", "--sr_guidance=1",
+         "--judge_epochs=1", "--judge_train_images=2000", f"--cache_dir={tmp_path / 'cache'}",
+         "--memorisation_train_images=500"]
+  done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+  assert done.returncode == 0, done.stderr[-4000:]
+  sweep = json.loads((out / "sweep.json").read_text())
+  rows = {s: r["sweep"] for s, r in sweep["systems"].items()}
+  assert [len(rows[s]) for s in ("ldm", "pixel", "cascade")] == [2, 3, 3]
+  for system, r in sweep["systems"].items():
+    assert r["best"] in [{k: row[k] for k in r["best"]} for row in r["sweep"]]
+    assert r["final"]["num_samples"] == 20 and np.isfinite(r["final"]["frechet_distance"])
+    assert r["memorisation"]["ratio"] > 0 and r["memorisation"]["train_images"] == 500
+    assert (out / f"memorisation_{system}.png").stat().st_size > 0
+  assert set(sweep["systems"]["cascade"]["best"]) == {"guidance", "aug_level", "sr_guidance"}
+  assert "| pixel |" in (out / "sweep.md").read_text()
+
 
 @pytest.mark.parametrize("config_name, preset, expected", [
     ("pixel", "default", {"pixel": (1, 20)}),
