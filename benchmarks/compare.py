@@ -5,8 +5,8 @@ same CPU-time budget, then measured side by side in one run on one machine.
   python -m benchmarks.compare --preset=smoke --budget_minutes=0.5 --out=/tmp/compare  # check
 
 Each system (configs/ldm.py, configs/pixel.py, configs/cascade.py, preset `--preset`) gets
-`--budget_minutes` of training, split over its stages by STAGE_SHARES: each stage's step time
-is measured first (compiled, warm) and its num_steps set to fill its share. Then, for each
+`--budget_minutes` of training, split over its stages by STAGE_SHARES (or `--shares`): each
+stage's step time is measured first (compiled, warm) and its num_steps set to fill its share. Then, for each
 system, at `--points` evenly spaced fractions of every stage's steps (the curve; an LDM's
 autoencoder is always the final one, which its diffusion stage was trained on):
   class accuracy of generated samples (balanced over classes) under the project's classifier
@@ -44,6 +44,7 @@ from ldm_jax import sharding  # noqa: E402
 from ldm_jax import workdir as workdir_lib  # noqa: E402
 from ldm_jax.checkpoint import Checkpointer  # noqa: E402
 from ldm_jax.config_schema import AUTOENCODER  # noqa: E402
+from ldm_jax.errors import UserError  # noqa: E402
 from ldm_jax.evaluation.classifier import train_judge  # noqa: E402
 from ldm_jax.evaluation.metrics import frechet_distance  # noqa: E402
 from ldm_jax.train import checks, lock  # noqa: E402
@@ -53,7 +54,7 @@ from ldm_jax.train import run as run_lib  # noqa: E402
 
 # The helpers below configure nothing themselves: they come after platform.configure().
 # pylint: disable=g-import-not-at-top,g-bad-import-order
-from benchmarks.compare_budget import apply_plan, log, plan_steps  # noqa: E402
+from benchmarks.compare_budget import apply_plan, log, parse_shares, plan_steps  # noqa: E402
 from benchmarks.compare_quality import (  # noqa: E402
     error_propagation, load_pipeline, measure_system, real_images)
 from benchmarks.compare_report import figures, markdown  # noqa: E402
@@ -137,7 +138,11 @@ def main(argv=None):
                  help="the classifier trains on (and takes its reference features from) the "
                       "first this many images of each split; 0: all (a quick check's knob)")
   p.add_argument("--steps_cap", type=int, default=0, help="most steps per stage (0: none)")
+  p.add_argument("--shares", default="",
+                 help="a stage's share of its system's budget, over STAGE_SHARES: "
+                      "'base=0.35,sr16=0.15,sr32=0.5' (each system's shares sum to 1)")
   args = p.parse_args(argv)
+  shares = parse_shares(args.shares)
   os.makedirs(args.out, exist_ok=True)
   systems = [s for s in args.systems.split(",") if s]
   times_path = os.path.join(args.out, "train_times.json")
@@ -151,8 +156,13 @@ def main(argv=None):
   configs, plans = {}, {}
   for system in systems:  # a resumed comparison keeps its plan
     configs[system] = system_config(system, args.preset, args.data_dir)
+    planned = times.get(f"{system}_shares", shares[system])
+    if planned != shares[system]:
+      raise UserError(f"--shares: {args.out} was planned with {system} shares {planned}, "
+                      f"not {shares[system]}: use another --out, or the same shares")
     plans[system] = times.get(f"{system}_plan") or plan_steps(
-        configs[system], system, budget_s, args.points, args.steps_cap)
+        configs[system], system, budget_s, args.points, args.steps_cap, shares)
+    times[f"{system}_shares"] = shares[system]
     apply_plan(configs[system], plans[system], args.points)
     times[f"{system}_plan"] = plans[system]
     save_times()

@@ -12,6 +12,7 @@ from ldm_jax import platform
 from ldm_jax.models import codecs
 from ldm_jax.sampling import load
 from ldm_jax.config_schema import AUTOENCODER
+from ldm_jax.errors import UserError
 from ldm_jax.models.builders import build_autoencoder
 from ldm_jax.train.autoencoder_task import AutoencoderTask
 from ldm_jax.train.diffusion_task import DiffusionTask
@@ -101,11 +102,36 @@ def measure_step(config, stage: str, repeats: int = 3) -> dict:
           "batch_size": int(block.train.batch_size)}
 
 
-def plan_steps(config, system: str, budget_s: float, points: int, steps_cap: int) -> dict:
+def parse_shares(text: str) -> dict:
+  """`--shares`: 'stage=share,...' (for example 'base=0.35,sr16=0.15,sr32=0.5'), applied over
+  STAGE_SHARES; every system's shares must still sum to 1. Returns {system: {stage: share}}."""
+  shares = {system: dict(stages) for system, stages in STAGE_SHARES.items()}
+  owner = {stage: system for system, stages in STAGE_SHARES.items() for stage in stages}
+  for item in filter(None, (t.strip() for t in text.split(","))):
+    stage, sep, value = item.partition("=")
+    if not sep or stage not in owner:
+      raise UserError(f"--shares: {item!r} is not stage=share with a stage of "
+                      f"{sorted(owner)}")
+    try:
+      share = float(value)
+    except ValueError:
+      raise UserError(f"--shares: {item!r}: {value!r} is not a number") from None
+    if not 0 < share <= 1:
+      raise UserError(f"--shares: {item!r}: a share is in (0, 1]")
+    shares[owner[stage]][stage] = share
+  for system, stages in shares.items():
+    if abs(sum(stages.values()) - 1) > 1e-6:
+      raise UserError(f"--shares: the shares of {system} ({stages}) sum to "
+                      f"{sum(stages.values()):g}, not 1")
+  return shares
+
+
+def plan_steps(config, system: str, budget_s: float, points: int, steps_cap: int,
+               shares: dict = None) -> dict:
   """Measures each stage and picks its num_steps (a multiple of `points`) to fill its share
-  of the budget."""
+  of the budget (`shares`: parse_shares' result; None = STAGE_SHARES)."""
   plan = {}
-  for stage, share in STAGE_SHARES[system].items():
+  for stage, share in (shares or STAGE_SHARES)[system].items():
     m = measure_step(config, stage)
     # The loop adds compilation (about a minute per stage here), data and logging to the
     # measured compute: plan with that overhead so the measured wall time fits the budget.

@@ -217,5 +217,16 @@ def measure_system(system: str, config, workdir: str, times: dict, plan: dict, j
       "train_images_per_sec": ips, "parameters": params,
       "parameters_total": sum(v for k, v in params.items() if "(" not in k),
       "sampling_flops_per_image": sampling_flops(pipe, args), "curve": curve,
-      "loss_gap": loss_gap(config, workdir, *loss_sets, args)}
+      "loss_gap": loss_gap(config, workdir, *loss_sets, args),
+      "sr_vs_bicubic": sr_vs_bicubic(workdir)}
   return entry, (images, labels), pipe
+
+
+def sr_vs_bicubic(workdir: str) -> dict:
+  """The trainer's end-of-training check of each super-resolution stage (summary.json
+  `sr_psnr` / `bicubic_psnr` on held-out images from their real downsampled versions):
+  {stage: {sr_psnr, bicubic_psnr, images}}; empty when no stage ran it."""
+  summary = workdir_lib.read_summary(workdir)
+  return {stage: {"sr_psnr": s["sr_psnr"], "bicubic_psnr": s["bicubic_psnr"],
+                  "images": s["sr_eval_images"]}
+          for stage, s in summary.items() if isinstance(s, dict) and "sr_psnr" in s}

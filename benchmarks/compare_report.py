@@ -96,6 +96,20 @@ def markdown(report: dict) -> str:
     for stage, g in r["loss_gap"].items():
       lines.append(f"| {system} | {stage} | {g['train']:.5f} | {g['held_out']:.5f} | "
                    f"{g['gap']:+.5f} | {g['ratio']:.4f} |")
+  sr = {(system, stage): row for system, r in report["systems"].items()
+        for stage, row in r.get("sr_vs_bicubic", {}).items()}
+  if sr:
+    lines += ["", "## Super-resolution stages vs bicubic upsampling", "",
+              "Each SR stage at the end of its training, given held-out images shrunk to its "
+              "input size (its own sampling settings, augmentation level 0): PSNR of its "
+              "output and of bicubic upsampling against the real image. A stage that does not "
+              "beat bicubic is not a working baseline.", "",
+              "| system | stage | images | PSNR SR (dB) | PSNR bicubic (dB) | beats bicubic |",
+              "|---|---|---|---|---|---|"]
+    for (system, stage), row in sr.items():
+      verdict = "yes" if row["sr_psnr"] > row["bicubic_psnr"] else "**no**"
+      lines.append(f"| {system} | {stage} | {row['images']} | {row['sr_psnr']:.2f} | "
+                   f"{row['bicubic_psnr']:.2f} | {verdict} |")
   prop = report.get("error_propagation", {})
   if prop:
     lines += ["", "## Error propagation through the cascade", "",
