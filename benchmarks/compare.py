@@ -56,18 +56,20 @@ from ldm_jax.train import run as run_lib  # noqa: E402
 # pylint: disable=g-import-not-at-top,g-bad-import-order
 from benchmarks.compare_budget import apply_plan, log, parse_shares, plan_steps  # noqa: E402
 from benchmarks.compare_quality import (  # noqa: E402
-    error_propagation, load_pipeline, measure_system, real_images)
+    error_propagation, judge_data, load_pipeline, measure_system, real_images)
 from benchmarks.compare_report import figures, markdown  # noqa: E402
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
 SYSTEMS = ("ldm", "pixel", "cascade")
 
 
-def system_config(system: str, preset: str, data_dir: str):
+def system_config(system: str, preset: str, data_dir: str, train_split: str = ""):
   module = importlib.import_module(f"configs.{system}")
   config = workdir_lib.migrate(module.get_config(preset))
   if data_dir:
     config.data.data_dir = data_dir
+  if train_split:
+    config.data.train_split = train_split
   if preset == "smoke":  # the command's check run: no end-of-training SR-vs-bicubic pass
     for stage in config.stages:
       if stage in config and "lowres" in config[stage]:
@@ -138,6 +140,10 @@ def main(argv=None):
                  help="the classifier trains on (and takes its reference features from) the "
                       "first this many images of each split; 0: all (a quick check's knob)")
   p.add_argument("--steps_cap", type=int, default=0, help="most steps per stage (0: none)")
+  p.add_argument("--train_split", default="",
+                 help="the systems' training split, e.g. a TFDS slice 'train[:1000]' (the "
+                      "overfitting runs; '' = the preset's); the judge always uses the whole "
+                      "split, the loss gap and memorisation the slice")
   p.add_argument("--shares", default="",
                  help="a stage's share of its system's budget, over STAGE_SHARES: "
                       "'base=0.35,sr16=0.15,sr32=0.5' (each system's shares sum to 1)")
@@ -155,7 +161,7 @@ def main(argv=None):
 
   configs, plans = {}, {}
   for system in systems:  # a resumed comparison keeps its plan
-    configs[system] = system_config(system, args.preset, args.data_dir)
+    configs[system] = system_config(system, args.preset, args.data_dir, args.train_split)
     planned = times.get(f"{system}_shares", shares[system])
     if planned != shares[system]:
       raise UserError(f"--shares: {args.out} was planned with {system} shares {planned}, "
@@ -184,7 +190,7 @@ def main(argv=None):
 
   log("training the judge (classifier) ...")
   data_cfg = configs[systems[0]].data
-  judge = train_judge(data_cfg, epochs=args.classifier_epochs,
+  judge = train_judge(judge_data(data_cfg), epochs=args.classifier_epochs,
                       max_train_images=args.classifier_images,
                       max_test_images=args.classifier_images)
   test_features = judge.features(judge.test_images)

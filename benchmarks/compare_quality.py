@@ -81,6 +81,14 @@ def sampling_flops(pipe, args) -> float:
   return total / b
 
 
+def judge_data(data_cfg):
+  """The judge's data block: the whole training split even when the systems train on a TFDS
+  slice of it (`--train_split=train[:1000]`), so that every run is scored by one classifier."""
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.train_split = data_cfg.train_split.partition("[")[0]
+  return cfg
+
+
 def real_images(config, split: str, count: int) -> tuple:
   source = data_lib.make_source(config.data, split)
   batches = data_lib.eval_batches(source, global_batch=min(count, 500),

@@ -18,7 +18,8 @@ Reads the trained workdirs under --out (ldm, pixel, cascade), then for each syst
 3. Memorisation: each sample's L2 distance (RMS per pixel, images in [-1, 1]) to its nearest
    training image, against the same for as many held-out test images; ratio < 1 means the
    samples sit closer to the training set than unseen real images do. A picture shows one
-   sample per class beside its three nearest training images.
+   sample per class beside its three nearest training images. A run trained on a slice of
+   the training split (compare.py --train_split) is measured against that slice.
 The judge is the classifier of `python -m ldm_jax.evaluate` (cached; the same seed, epochs
 and data as compare.py's, so the same parameters). Writes sweep.json, sweep.md and
 memorisation_<system>.png into --out.
@@ -46,6 +47,7 @@ from ldm_jax.evaluation import classifier, run as eval_run  # noqa: E402
 from ldm_jax.evaluation.metrics import frechet_distance  # noqa: E402
 from ldm_jax.sampling import CascadePipeline, from_workdir  # noqa: E402
 from benchmarks.compare_budget import log  # noqa: E402
+from benchmarks.compare_quality import judge_data  # noqa: E402
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
 
@@ -208,7 +210,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   systems = [s for s in args.systems.split(",") if s]
   data_cfg = workdir_lib.read_config(os.path.join(args.out, systems[0])).data
-  judge, _ = eval_run.cached_judge(data_cfg, eval_run.Options(
+  judge, _ = eval_run.cached_judge(judge_data(data_cfg), eval_run.Options(
       judge_epochs=args.judge_epochs, judge_train_images=args.judge_train_images,
       cache_dir=args.cache_dir), log)
   test_features = judge.features(judge.test_images)

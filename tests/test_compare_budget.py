@@ -38,3 +38,13 @@ def test_report_marks_an_sr_stage_that_loses_to_bicubic():
   md = compare_report.markdown(report)
   assert "| cascade | sr16 | 500 | 22.70 | 20.90 | yes |" in md
   assert "| cascade | sr32 | 500 | 20.30 | 20.70 | **no** |" in md
+
+
+def test_the_judge_trains_on_the_whole_split_when_the_systems_train_on_a_slice():
+  from benchmarks.compare_quality import judge_data
+  from ldm_jax.data import default_data_config
+  data = default_data_config()
+  data.train_split = "train[:1000]"
+  judge = judge_data(data)
+  assert judge.train_split == "train" and data.train_split == "train[:1000]"
+  assert judge.eval_split == data.eval_split and judge.image_size == data.image_size
